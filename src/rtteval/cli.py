@@ -1,0 +1,169 @@
+"""The ``rtteval`` command line.
+
+User mistakes raise :class:`rtteval.errors.UserError`; :func:`main` prints
+them as one line on stderr and exits 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rtteval.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="RTT evaluation of unlearning methods."
+)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[str, typer.Argument(help="dataset directory or hf://owner/name")],
+) -> None:
+    """Validate a dataset directory and print its counts as JSON."""
+    from rtteval.data import load_dataset
+
+    ds = load_dataset(path)
+    print(json.dumps(ds.summary(), ensure_ascii=False))
+
+
+@app.command()
+def world(
+    out: Annotated[Path, typer.Option(help="directory to write the world into")],
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    preset: Annotated[str, typer.Option(help="world preset (small, tiny, bios)")] = "small",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing directory")] = False,
+) -> None:
+    """Write a synthetic world of facts in the paper's dataset layout."""
+    from rtteval.data.world import write_world
+
+    path = write_world(out, seed=seed, preset=preset, overwrite=overwrite)
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(json.dumps({"out": str(path), "counts": manifest.get("counts", {})}))
+
+
+@app.command()
+def pretrain(
+    world: Annotated[str, typer.Option(help="world (dataset) directory")],
+    out: Annotated[Path, typer.Option(help="model output directory")],
+    exclude_forget: Annotated[bool, typer.Option(help="build the never-learned control")] = False,
+    model_preset: Annotated[str, typer.Option(help="tiny model preset")] = "tiny-1m",
+    lr: Annotated[float, typer.Option()] = 3e-3,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    max_epochs: Annotated[int, typer.Option()] = 120,
+    target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Pretrain a tiny Llama from scratch on a world until the facts are known."""
+    import torch
+
+    from rtteval.pretrain import PretrainConfig
+    from rtteval.pretrain import pretrain as run_pretrain
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = PretrainConfig(
+        model_preset=model_preset,
+        lr=lr,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        target_accuracy=target,
+        seed=seed,
+        exclude_forget=exclude_forget,
+    )
+    m = run_pretrain(world, out, cfg)
+    print(
+        json.dumps(
+            {k: m[k] for k in ("kind", "forget_acc", "retain_acc", "reached_target", "n_params")}
+        )
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="hub id or local model directory")],
+    data: Annotated[str, typer.Option(help="dataset directory")],
+    mode: Annotated[
+        str | None, typer.Option(help="letter, calibrated or likelihood (default: per dataset)")
+    ] = None,
+    letter_format: Annotated[
+        str, typer.Option(help="paper ('A. '), bare ('A') or space (' A')")
+    ] = "paper",
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Accuracy of a model on every split of a dataset, as JSON."""
+    from rtteval.data import load_dataset
+    from rtteval.models import load_model
+    from rtteval.pretrain import scoring_for
+    from rtteval.scoring import evaluate_mcq
+
+    ds = load_dataset(data)
+    m, tok = load_model(model, device=device)
+    sc = scoring_for(ds, batch_size=batch_size)
+    if mode is not None:
+        sc.mode = mode  # type: ignore[assignment]
+    sc.letter_format = letter_format
+    out = {
+        name: evaluate_mcq(m, tok, qs, sc).accuracy
+        for name, qs in {**ds.splits, **ds.retain}.items()
+    }
+    print(json.dumps({"mode": sc.mode, "accuracy": out}))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option()] = 0,
+    preset: Annotated[str, typer.Option(help="world preset")] = "small",
+    serial: Annotated[bool, typer.Option(help="pretrain in one process instead of two")] = False,
+) -> None:
+    """World -> pretrain (original + control) -> evaluate, on the embedded default."""
+    from rtteval.pipeline import run_demo
+
+    s = run_demo(out, seed=seed, world_preset=preset, parallel=not serial, console=console)
+    table = Table(title=f"rtteval demo ({s['wall_time']:.0f} s)")
+    table.add_column("model")
+    table.add_column("forget acc", justify="right")
+    table.add_column("retain acc", justify="right")
+    for name in ("original", "control"):
+        row = s[name]
+        table.add_row(name, f"{row['forget_acc']:.3f}", f"{row['retain_acc']:.3f}")
+    Console().print(table)
+    print(json.dumps(s))
+
+
+def main() -> None:
+    """Entry point: user errors become one stderr line and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"rtteval: error: {e.render()}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        print("rtteval: aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

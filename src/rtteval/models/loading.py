@@ -1,0 +1,135 @@
+"""Load and save Hugging Face causal LMs.
+
+One function for every model rtteval touches: a hub id (``meta-llama/Meta-Llama-3-8B``),
+a local directory written by :func:`save_model`, or a tiny model trained here.
+Weights are always safetensors; ``trust_remote_code`` stays off unless the
+user asks, since a hub repo's Python would otherwise run on their machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rtteval.errors import UserError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto`` means bf16 on GPU (as the paper ran Llama-3-8B) and fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def load_tokenizer(
+    name_or_path: str | Path, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad.
+
+    Llama-3 ships no pad token; we reuse EOS for padding, which is safe
+    because every forward pass in rtteval passes an attention mask and
+    position ids derived from it, and padded label positions are -100.
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load tokenizer from {name_or_path!s}: {e}") from e
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise UserError(f"tokenizer of {name_or_path!s} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer by hub id or local path.
+
+    ``device_map`` (e.g. ``"auto"``) spreads a large model over several GPUs
+    with accelerate; otherwise the model goes to ``device``.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = Path(str(name_or_path))
+    if (path.exists() or str(name_or_path).startswith((".", "/"))) and not (
+        path / "config.json"
+    ).exists():
+        raise UserError(f"{name_or_path!s}: not a model directory (no config.json)")
+    tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    kwargs: dict = dict(
+        dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model from {name_or_path!s}: {e}") from e
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    return model, tok
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
+) -> Path:
+    """Save model (safetensors) and tokenizer atomically: a crash never leaves half a model."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def snapshot_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the weights, to restore a model without reloading from disk."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def restore_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])

@@ -1,0 +1,179 @@
+"""Pretraining a tiny model from scratch on a world (the embedded default).
+
+The control model (``exclude_forget=True``) is trained the same way on the
+same world minus the forget facts, with the same tokenizer vocabulary, so
+that "never learned + RTT" is a fair floor for the attack.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rtteval.data import Dataset, Passage, load_dataset
+from rtteval.models import build_tiny_model, n_params, save_model, train_word_tokenizer
+from rtteval.scoring import ScoringConfig, evaluate_mcq
+from rtteval.store import write_json_atomic
+from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining hyperparameters (defaults measured on 2 CPU cores, see docs/)."""
+
+    model_preset: str = "tiny-1m"
+    lr: float = 3e-3
+    batch_size: int = 64
+    max_epochs: int = 120
+    warmup_steps: int = 30
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    target_accuracy: float = 0.97
+    eval_every_epochs: int = 2
+    seed: int = 0
+    exclude_forget: bool = False
+
+
+def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
+    """Likelihood scoring with the world's prompt for a world; the paper's letter format otherwise."""
+    m = dataset.manifest or {}
+    if m.get("format") == "rtteval-world":
+        return ScoringConfig(
+            mode="likelihood", likelihood_prompt=m["likelihood_prompt"], batch_size=batch_size
+        )
+    return ScoringConfig(mode="letter", batch_size=batch_size, dev=list(dataset.dev))
+
+
+def world_texts(dataset: Dataset) -> list[str]:
+    """Every string of the world, so the tokenizer knows every word any stage will show it."""
+    out: list[str] = []
+    for table in (dataset.corpus, dataset.wrong_corpus, dataset.fixed_wrong_corpus):
+        for ps in table.values():
+            out.extend(p.text for p in ps)
+    for qs in [*dataset.splits.values(), *dataset.retain.values(), dataset.dev]:
+        for q in qs:
+            out.append(q.question)
+            out.extend(q.choices)
+    return out
+
+
+def retain_eval_name(dataset: Dataset) -> str | None:
+    m = dataset.manifest or {}
+    if m.get("retain_eval") in dataset.retain:
+        return m["retain_eval"]
+    return next(iter(dataset.retain), None)
+
+
+def retain_train_name(dataset: Dataset) -> str | None:
+    m = dataset.manifest or {}
+    return m.get("retain_train") if m.get("retain_train") in dataset.retain else None
+
+
+def pretraining_passages(dataset: Dataset, exclude_forget: bool) -> list[Passage]:
+    names = [n for n in dataset.corpus if not (exclude_forget and n in dataset.splits)]
+    return [p for n in names for p in dataset.corpus[n]]
+
+
+def _epoch_texts(passages: list[Passage], epoch: int) -> list[str]:
+    """Passages for one epoch: a biography with a ``variant`` is shown only in its epoch slot."""
+    n_var = 1 + max((int(p.extra.get("variant", 0)) for p in passages), default=0)
+    return [
+        p.text
+        for p in passages
+        if "variant" not in p.extra or int(p.extra["variant"]) == epoch % n_var
+    ]
+
+
+def pretrain(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: PretrainConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a tiny Llama from scratch on ``data_dir`` and save it to ``out_dir``.
+
+    Stops as soon as every evaluated set reaches ``target_accuracy`` (for the
+    control: the retain set; its forget accuracy should stay at chance).
+    """
+    cfg = cfg or PretrainConfig()
+    dataset = load_dataset(data_dir)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tokenizer = train_word_tokenizer(world_texts(dataset))
+    model = build_tiny_model(cfg.model_preset, tokenizer, seed=cfg.seed)
+    passages = pretraining_passages(dataset, cfg.exclude_forget)
+    scoring = scoring_for(dataset)
+    forget_q = dataset.questions()
+    r_name = retain_eval_name(dataset)
+    retain_q = dataset.retain[r_name] if r_name else []
+
+    cache: dict[int, list[list[int]]] = {}
+
+    def batches(epoch: int):
+        texts = _epoch_texts(passages, epoch)
+        key = hash(tuple(texts))
+        if key not in cache:
+            cache.clear()
+            cache[key] = encode_texts(tokenizer, texts)
+        return make_batches(
+            cache[key], cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed * 100003 + epoch
+        )
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        row = {"forget_acc": evaluate_mcq(m, tokenizer, forget_q, scoring).accuracy}
+        if retain_q:
+            row["retain_acc"] = evaluate_mcq(m, tokenizer, retain_q, scoring).accuracy
+        return row
+
+    def stop(row: dict[str, Any]) -> bool:
+        keys = ["retain_acc"] if cfg.exclude_forget else ["forget_acc", "retain_acc"]
+        keys = [k for k in keys if k in row]
+        return bool(keys) and all(row[k] >= cfg.target_accuracy for k in keys)
+
+    tcfg = TrainConfig(
+        lr=cfg.lr,
+        epochs=cfg.max_epochs,
+        optimizer="adamw",
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        schedule=cfg.schedule,
+        grad_clip=1.0,
+        seed=cfg.seed,
+        eval_every_epochs=cfg.eval_every_epochs,
+    )
+    label = "pretrain control" if cfg.exclude_forget else "pretrain"
+    result = train(
+        model,
+        batches,
+        lm_loss_fn,
+        tcfg,
+        evaluate=evaluate,
+        stop=stop,
+        progress=label if progress else None,
+    )
+    final = result.history[-1] if result.history else evaluate(model)
+    out = Path(out_dir)
+    save_model(model, tokenizer, out)
+    metrics = {
+        "kind": "control" if cfg.exclude_forget else "original",
+        "data": str(Path(data_dir)),
+        "config": asdict(cfg),
+        "n_params": n_params(model),
+        "n_passages": len(passages),
+        "forget_acc": final.get("forget_acc"),
+        "retain_acc": final.get("retain_acc"),
+        "reached_target": result.status == "stopped_early",
+        "train": result.to_dict(),
+    }
+    write_json_atomic(out / "pretrain.json", metrics)
+    return metrics
+
+
+def load_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
