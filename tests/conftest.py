@@ -21,3 +21,34 @@ def shared_datasets() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/datasets not present (fresh clone); CI has it")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` synthetic world preset (5 splits x 8 facts), written once per session."""
+    from rtteval.data.world import write_world
+
+    return write_world(tmp_path_factory.mktemp("world") / "tiny", seed=0, preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A micro Llama pretrained on the tiny world (~10 s) and its never-learned control.
+
+    Shared by every test that needs a model that knows facts: unlearning,
+    RTT and the pipeline all start from these.
+    """
+    from rtteval.pretrain import PretrainConfig, pretrain
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for kind, exclude in (("original", False), ("control", True)):
+        cfg = PretrainConfig(
+            model_preset="micro", batch_size=32, exclude_forget=exclude, max_epochs=150
+        )
+        metrics = pretrain(tiny_world, root / kind, cfg, progress=False)
+        if not exclude:
+            assert metrics["forget_acc"] >= 0.9, metrics
+        out[kind] = root / kind
+    out["world"] = tiny_world
+    return out
