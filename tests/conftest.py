@@ -52,3 +52,29 @@ def pretrained_tiny(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) 
         out[kind] = root / kind
     out["world"] = tiny_world
     return out
+
+
+class CliResult:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """Run ``rtteval ARGS...`` in-process (importing torch per test in a subprocess costs seconds)."""
+    import sys
+
+    from rtteval.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["rtteval", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
