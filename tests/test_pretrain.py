@@ -28,3 +28,24 @@ def test_pretraining_learns_facts_and_control_does_not(pretrained_tiny):
     _, tok_o = load_model(pretrained_tiny["original"], device="cpu")
     _, tok_c = load_model(pretrained_tiny["control"], device="cpu")
     assert tok_o.get_vocab() == tok_c.get_vocab()
+
+
+def test_bios_variants_rotate_one_per_epoch():
+    from rtteval.data.types import Passage
+    from rtteval.pretrain import _epoch_texts
+
+    ps = [Passage(text=f"bio {v}", extra={"variant": v}) for v in range(3)] + [Passage(text="qa")]
+    assert _epoch_texts(ps, 0) == ["bio 0", "qa"]
+    assert _epoch_texts(ps, 4) == ["bio 1", "qa"]
+
+
+def test_control_excludes_forget_corpus(tiny_world):
+    from rtteval.pretrain import pretraining_passages
+
+    ds = load_dataset(tiny_world)
+    full = pretraining_passages(ds, exclude_forget=False)
+    ctrl = pretraining_passages(ds, exclude_forget=True)
+    forget_splits = set(ds.splits)
+    assert all(p.split not in forget_splits for p in ctrl)
+    assert {p.split for p in full} >= forget_splits
+    assert len(full) - len(ctrl) == sum(len(ds.corpus[s]) for s in forget_splits)

@@ -130,3 +130,14 @@ def test_trainable_filter_freezes_other_parameters():
     )
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"model.layers.1.mlp.down_proj.weight"}
+
+
+def test_training_is_deterministic_by_seed():
+    runs = []
+    for _ in range(2):
+        _, texts, tok, model = toy_tokenizer_and_model(seed=5)
+        seqs = encode_texts(tok, texts)
+        res = train(model, lambda e: make_batches(seqs, 8, tok.pad_token_id, seed=e), lm_loss_fn, TrainConfig(epochs=2, seed=5))
+        runs.append((res.losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
