@@ -49,3 +49,18 @@ def test_control_excludes_forget_corpus(tiny_world):
     assert all(p.split not in forget_splits for p in ctrl)
     assert {p.split for p in full} >= forget_splits
     assert len(full) - len(ctrl) == sum(len(ds.corpus[s]) for s in forget_splits)
+
+
+def test_finetune_regime_teaches_forget_facts_to_the_control(pretrained_tiny, tmp_path):
+    from rtteval.pretrain import FinetuneConfig, finetune_forget_facts
+
+    m = finetune_forget_facts(
+        pretrained_tiny["control"],
+        pretrained_tiny["world"],
+        tmp_path / "ft",
+        FinetuneConfig(lr=3e-3, max_epochs=60),
+        progress=False,
+    )
+    assert m["before"]["forget_acc"] <= 0.5
+    assert m["forget_acc"] >= 0.8, m
+    assert m["retain_acc"] >= 0.8, m

@@ -177,3 +177,98 @@ def pretrain(
 
 def load_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+@dataclass
+class FinetuneConfig:
+    """Learning the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime).
+
+    The base model is pretrained without the forget facts; this phase then
+    trains on their corpus, replaying the retain corpus at ``replay_ratio``
+    so that fine-tuning does not erase what pretraining taught.
+    """
+
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_epochs: int = 80
+    warmup_steps: int = 10
+    replay_ratio: float = 0.5
+    target_accuracy: float = 0.97
+    eval_every_epochs: int = 2
+    seed: int = 0
+
+
+def finetune_forget_facts(
+    base_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a model (normally the never-learned control) on the forget facts until known."""
+    from rtteval.models import load_model
+
+    cfg = cfg or FinetuneConfig()
+    dataset = load_dataset(data_dir)
+    model, tokenizer = load_model(
+        base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
+    )
+    forget_texts = [p for n in dataset.splits for p in dataset.corpus.get(n, [])]
+    replay = [p for n in dataset.corpus if n not in dataset.splits for p in dataset.corpus[n]]
+    rng = random.Random(cfg.seed)
+    scoring = scoring_for(dataset)
+    forget_q = dataset.questions()
+    r_name = retain_eval_name(dataset)
+    retain_q = dataset.retain[r_name] if r_name else []
+    forget_ids = encode_texts(tokenizer, [p.text for p in forget_texts])
+    replay_ids = encode_texts(tokenizer, [p.text for p in replay])
+    n_replay = min(len(replay_ids), int(round(cfg.replay_ratio * len(forget_ids))))
+
+    def batches(epoch: int):
+        r = random.Random(cfg.seed * 7919 + epoch)
+        seqs = forget_ids + r.sample(replay_ids, n_replay)
+        return make_batches(seqs, cfg.batch_size, tokenizer.pad_token_id, seed=rng.randrange(2**31))
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        row = {"forget_acc": evaluate_mcq(m, tokenizer, forget_q, scoring).accuracy}
+        if retain_q:
+            row["retain_acc"] = evaluate_mcq(m, tokenizer, retain_q, scoring).accuracy
+        return row
+
+    def stop(row: dict[str, Any]) -> bool:
+        return all(v >= cfg.target_accuracy for k, v in row.items() if k.endswith("_acc"))
+
+    before = evaluate(model)
+    tcfg = TrainConfig(
+        lr=cfg.lr,
+        epochs=cfg.max_epochs,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        eval_every_epochs=cfg.eval_every_epochs,
+    )
+    result = train(
+        model,
+        batches,
+        lm_loss_fn,
+        tcfg,
+        evaluate=evaluate,
+        stop=stop,
+        progress="fine-tune forget facts" if progress else None,
+    )
+    final = result.history[-1] if result.history else evaluate(model)
+    out = Path(out_dir)
+    save_model(model, tokenizer, out)
+    metrics = {
+        "kind": "finetuned",
+        "base": str(base_dir),
+        "data": str(data_dir),
+        "config": asdict(cfg),
+        "before": before,
+        "forget_acc": final.get("forget_acc"),
+        "retain_acc": final.get("retain_acc"),
+        "reached_target": result.status == "stopped_early",
+        "train": result.to_dict(),
+    }
+    write_json_atomic(out / "pretrain.json", metrics)
+    return metrics
