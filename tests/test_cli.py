@@ -95,3 +95,9 @@ def test_eval_cli_on_pretrained_model(pretrained_tiny, cli):
     out = json.loads(r.stdout)
     assert out["mode"] == "likelihood"
     assert min(out["accuracy"][f"split_{k}"] for k in range(5)) >= 0.75
+
+
+def test_data_check_strict_rejects_repeated_question_text(shared_datasets, cli):
+    r = cli("data", "check", "--strict", str(shared_datasets / "years"))
+    assert r.returncode == 2
+    assert "split_" in r.stderr and ".jsonl:" in r.stderr and "question" in r.stderr

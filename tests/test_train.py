@@ -137,7 +137,8 @@ def test_training_is_deterministic_by_seed():
     for _ in range(2):
         _, texts, tok, model = toy_tokenizer_and_model(seed=5)
         seqs = encode_texts(tok, texts)
-        res = train(model, lambda e: make_batches(seqs, 8, tok.pad_token_id, seed=e), lm_loss_fn, TrainConfig(epochs=2, seed=5))
+        epochs = [make_batches(seqs, 8, tok.pad_token_id, seed=e) for e in range(2)]
+        res = train(model, epochs.__getitem__, lm_loss_fn, TrainConfig(epochs=2, seed=5))
         runs.append((res.losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))

@@ -15,6 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rtteval.cli_attack import attack_cmd, report_cmd
+from rtteval.cli_run import run_cmd, status_cmd
+from rtteval.cli_unlearn import unlearn_cmd
 from rtteval.errors import UserError
 
 app = typer.Typer(
@@ -22,17 +25,28 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
 app.add_typer(data_app, name="data")
+app.command("attack")(attack_cmd)
+app.command("report")(report_cmd)
+app.command("run")(run_cmd)
+app.command("status")(status_cmd)
+app.command("unlearn")(unlearn_cmd)
 console = Console(stderr=True)
 
 
 @data_app.command("check")
 def data_check(
     path: Annotated[str, typer.Argument(help="dataset directory or hf://owner/name")],
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="reject any question text found in two files (the released data has such repeats)"
+        ),
+    ] = False,
 ) -> None:
     """Validate a dataset directory and print its counts as JSON."""
     from rtteval.data import load_dataset
 
-    ds = load_dataset(path)
+    ds = load_dataset(path, strict_duplicates=strict)
     print(json.dumps(ds.summary(), ensure_ascii=False))
 
 
@@ -156,10 +170,9 @@ def main() -> None:
     except typer.Abort:
         print("rtteval: aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # usage errors (unknown option, bad value) from typer's click layer
+        if hasattr(e, "exit_code") and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -1,0 +1,205 @@
+"""``rtteval attack`` and ``rtteval report``.
+
+``attack`` runs RTT on the original model (ceiling), the never-learned
+control (floor) and the unlearned model, one model in memory at a time, and
+writes the report.  Each model's attack is saved to
+``OUT/attacks/<role>.json`` as soon as it finishes, keyed by the model files,
+dataset and RTT configuration, so an interrupted run resumes where it
+stopped (``--no-resume`` recomputes everything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from rtteval.errors import ConfigError, UserError
+
+console = Console(stderr=True, markup=False, highlight=False)
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"expected a comma-separated list of numbers, got {text!r}", field=name
+        ) from None
+    if not vals:
+        raise ConfigError("empty list", field=name)
+    return vals
+
+
+def _model_fingerprint(path: str) -> str:
+    """Path plus size and mtime of its files: a retrained model at the same path is not reused."""
+    p = Path(path)
+    parts = [str(p.resolve()) if p.exists() else path]
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def attack_cmd(
+    model: Annotated[str, typer.Option(help="the unlearned model (hub id or directory)")],
+    original: Annotated[str, typer.Option(help="the model before unlearning (ceiling)")],
+    data: Annotated[str, typer.Option(help="dataset directory (forget splits, retain, corpora)")],
+    out: Annotated[Path, typer.Option(help="output directory for results and report")],
+    control: Annotated[
+        str | None, typer.Option(help="a model that never learned the forget facts (floor)")
+    ] = None,
+    paper: Annotated[
+        bool, typer.Option(help="start from the paper's 8B preset (Lion, 6 epochs, batch 4)")
+    ] = False,
+    lrs: Annotated[str | None, typer.Option(help="comma-separated learning rates")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
+    loss: Annotated[
+        str | None, typer.Option(help="auto, mcq (paper), mcq_answer, qa or corpus")
+    ] = None,
+    folds: Annotated[
+        str | None, typer.Option(help="comma-separated V splits (default: all forget splits)")
+    ] = None,
+    holdout_fraction: Annotated[
+        float | None,
+        typer.Option(help="share of T held out for the honest attacker (0: the paper's protocol)"),
+    ] = None,
+    overlap: Annotated[
+        str | None, typer.Option(help="T questions whose text is a V question: drop or error")
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    method_name: Annotated[
+        str | None, typer.Option(help="label of the unlearned model in the report")
+    ] = None,
+    eval_batch_size: Annotated[int, typer.Option(help="questions per scoring batch")] = 128,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    resume: Annotated[bool, typer.Option(help="reuse finished attacks found in OUT")] = True,
+) -> None:
+    """RTT attack: fine-tune on T, measure V, for unlearned, original and control models."""
+    import gc
+
+    import torch
+    from rich.console import Console as _Console
+
+    from rtteval.attacks.rtt import ModelAttack, RTTConfig, attack_model
+    from rtteval.data import load_dataset
+    from rtteval.models import load_model
+    from rtteval.pretrain import retain_eval_name, scoring_for
+    from rtteval.report import build_results, summary_table, write_report
+    from rtteval.store import write_json_atomic
+
+    if threads:
+        torch.set_num_threads(threads)
+    ds = load_dataset(data)
+    cfg = RTTConfig.paper() if paper else RTTConfig()
+    overrides: dict[str, Any] = {
+        "lrs": _floats(lrs, "lrs"),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "loss": loss,
+        "folds": [f.strip() for f in folds.split(",") if f.strip()] if folds else None,
+        "holdout_fraction": holdout_fraction,
+        "overlap": overlap,
+        "seed": seed,
+    }
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.validate()
+    scoring = scoring_for(ds, batch_size=eval_batch_size)
+    r_name = retain_eval_name(ds)
+    retain = ds.retain[r_name] if r_name else []
+    label = method_name or Path(model).name
+    out.mkdir(parents=True, exist_ok=True)
+
+    jobs = [("original", original, "original"), ("unlearned", model, label)]
+    if control:
+        jobs.insert(1, ("control", control, "control"))
+    attacks: dict[str, ModelAttack] = {}
+    for role, path, lab in jobs:
+        key = {
+            "model": _model_fingerprint(path),
+            "data": str(ds.root.resolve()),
+            "rtt": cfg.to_dict(),
+            "scoring": scoring.mode,
+            "label": lab,
+        }
+        cache = out / "attacks" / f"{role}.json"
+        if resume and cache.is_file():
+            try:
+                saved = json.loads(cache.read_text())
+                if saved.get("key") == json.loads(json.dumps(key)):
+                    attacks[role] = ModelAttack.from_dict(saved["attack"])
+                    console.print(f"{role}: reusing {cache}")
+                    continue
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+        console.print(f"{role}: loading {path}")
+        m, tok = load_model(path, device=device)
+        try:
+            a = attack_model(
+                m,
+                tok,
+                ds,
+                cfg,
+                scoring,
+                retain_questions=retain,
+                label=lab,
+                progress=True,
+                log=lambda s: console.print(f"  {s}"),
+            )
+        finally:
+            del m
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        a.meta["model"] = path
+        a.meta["role"] = role
+        write_json_atomic(cache, {"key": key, "attack": a.to_dict()})
+        console.print(f"{role}: done in {a.wall_time:.1f} s")
+        attacks[role] = a
+
+    results = build_results(
+        {label: attacks["unlearned"]},
+        attacks["original"],
+        attacks.get("control"),
+        dataset=ds.name,
+        config={
+            "models": {"unlearned": model, "original": original, "control": control},
+            "data": str(data),
+            "device": device,
+        },
+        n_boot=n_boot,
+        seed=cfg.seed,
+    )
+    paths = write_report(out, results)
+    _Console().print(summary_table(results))
+    print(json.dumps({"out": str(out), "files": sorted(p.name for p in paths.values())}))
+
+
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="directory holding results.json")],
+) -> None:
+    """Regenerate results.csv, report.md and the plots from RUN_DIR/results.json."""
+    from rich.console import Console as _Console
+
+    from rtteval.report import load_results, regenerate, summary_table
+
+    if not run_dir.is_dir():
+        raise UserError("not a directory", file=run_dir)
+    paths = regenerate(run_dir)
+    _Console().print(summary_table(load_results(run_dir)))
+    print(json.dumps({"out": str(run_dir), "files": sorted(p.name for p in paths.values())}))

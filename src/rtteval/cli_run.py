@@ -1,0 +1,137 @@
+"""``rtteval run CONFIG.yaml [key=value ...]`` and ``rtteval status OUT_DIR``.
+
+``run`` plans a study from its config and runs (or resumes) it; ``--dry-run``
+prints the job plan and the job count without loading any model or
+touching the output directory.  ``status`` reads the study's store
+read-only and shows progress per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rtteval.errors import UserError
+
+console = Console(stderr=True)
+
+
+def _say(msg: str) -> None:
+    console.print(msg, markup=False, highlight=False)
+
+
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="study config (YAML)")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="dotted key=value overrides, e.g. attack.epochs=2 seeds=[0,1]"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the job plan and count; run nothing")
+    ] = False,
+    executor: Annotated[
+        str | None, typer.Option(help="override executor.kind: sequential, processes or ray")
+    ] = None,
+) -> None:
+    """Run (or resume) a study: every job of the config, skipping those already done."""
+    from rtteval.config import load_config
+
+    ov = list(overrides or [])
+    if executor is not None:
+        ov.append(f"executor.kind={executor}")
+    loaded = load_config(config, ov, check_paths=not dry_run)
+    for w in loaded.warnings:
+        _say(f"warning: {w}")
+    if dry_run:
+        _print_plan(loaded)
+        return
+    from rtteval.runner.driver import run_study
+
+    summary = run_study(loaded, say=_say)
+    _print_counts(summary.counts, title=f"study {loaded.config.name!r} ({summary.wall_time:.0f} s)")
+    print(json.dumps(summary.to_dict()))
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _print_plan(loaded) -> None:  # noqa: ANN001 - LoadedConfig, imported lazily
+    from rtteval.runner.plan import build_plan
+
+    cfg = loaded.config
+    plan = build_plan(cfg, dry_run=True)
+    out = Console()
+    for p in plan.jobs:
+        deps = len(p.job.deps)
+        out.print(f"{p.job.stage:9s} {p.job.name}  [dim]({deps} deps, {p.job.key[:12]})[/dim]",
+                  highlight=False)  # fmt: skip
+    counts = plan.counts()
+    t = Table(title=f"plan of study {cfg.name!r} -> {cfg.output_dir}")
+    t.add_column("stage")
+    t.add_column("jobs", justify="right")
+    for stage, n in counts.items():
+        t.add_row(stage, str(n))
+    t.add_row("total", str(len(plan.jobs)))
+    out.print(t)
+    for n in plan.notes:
+        _say(f"note: {n}")
+    print(json.dumps({"dry_run": True, "jobs": len(plan.jobs), "by_stage": counts,
+                      "executor": cfg.executor.kind, "notes": plan.notes}))  # fmt: skip
+
+
+def _print_counts(counts: dict[str, dict[str, int]], *, title: str) -> None:
+    from rtteval.runner.store import STATUSES
+
+    t = Table(title=title)
+    t.add_column("stage")
+    for s in STATUSES:
+        t.add_column(s, justify="right")
+    t.add_column("total", justify="right")
+    order = ["world", "finetune", "pretrain", "unlearn", "select", "attack"]
+    for stage in sorted(counts, key=lambda s: (order.index(s) if s in order else 99, s)):
+        row = counts[stage]
+        t.add_row(stage, *(str(row.get(s, 0)) for s in STATUSES), str(sum(row.values())))
+    Console().print(t)
+
+
+def status_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="a study's output directory")],
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report", help="also write results.json and the report from the attacks done so far"
+        ),
+    ] = False,
+) -> None:
+    """Progress of a study: jobs per stage and status (read-only; safe while it runs)."""
+    from rtteval.runner.store import DB_NAME, Store
+
+    db = out_dir / DB_NAME
+    if not db.is_file():
+        raise UserError(f"no {DB_NAME} here (not a study output directory?)", file=out_dir)
+    with Store(db, readonly=True) as store:
+        plan = store.get_meta("plan") or {}
+        keys = plan.get("keys")
+        counts = store.counts_by_stage(keys)
+        failed = [r for r in store.rows(status="failed") if keys is None or r.key in set(keys)]
+        stale = store.n_rows() - len(keys) if keys is not None else 0
+    _print_counts(counts, title=f"study {plan.get('study', '?')!r}: {out_dir}")
+    for r in failed[:10]:
+        _say(f"failed: {r.name}: {r.error} (attempts {r.attempts})")
+    if stale > 0:
+        _say(f"note: {stale} job(s) in the store belong to an earlier version of the config")
+    totals: dict[str, int] = {}
+    for row in counts.values():
+        for s, n in row.items():
+            totals[s] = totals.get(s, 0) + n
+    info = None
+    if report:
+        from rtteval.runner.results import report_from_store
+
+        info = report_from_store(out_dir, n_boot=int(plan.get("n_boot", 1000)))
+        _say(f"report: {', '.join(info['files'])}{' (partial)' if info['partial'] else ''}")
+    print(json.dumps({"out": str(out_dir), "counts": counts, "totals": totals, "report": info}))

@@ -1,0 +1,167 @@
+"""``rtteval unlearn``: run one unlearning method (or sweep its grid) on a model.
+
+Kept out of ``cli.py`` so the command is one registration line there.  The
+work is :func:`rtteval.unlearn.run_unlearn`; this module only turns options
+into an :class:`~rtteval.unlearn.UnlearnConfig` and prints the results: a
+rich table on stderr, a JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rtteval.errors import ConfigError
+
+console = Console(stderr=True)
+
+
+def _load_grid(spec: str | None) -> dict[str, list[Any]] | None:
+    """A grid from inline JSON (``'{"lr": [1e-4, 1e-3]}'``) or a JSON/YAML file."""
+    if spec is None:
+        return None
+    text = spec
+    path = Path(spec)
+    if not spec.lstrip().startswith("{"):
+        if not path.is_file():
+            raise ConfigError(f"--grid {spec!r}: neither inline JSON nor an existing file")
+        text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            grid = yaml.safe_load(text)
+        else:
+            grid = json.loads(text)
+    except Exception as e:  # json / yaml parse errors
+        raise ConfigError(f"--grid {spec!r}: cannot parse: {e}") from e
+    if not isinstance(grid, dict):
+        raise ConfigError("--grid must be a mapping of parameter name to a list of values")
+    return grid
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _print_run(m: dict[str, Any]) -> None:
+    table = Table(title=f"unlearn {m['method']}: {m['status']}, {m['steps']} steps")
+    for col in ("", "forget acc", "retain acc"):
+        table.add_column(col, justify="right")
+    for label in ("before", "after"):
+        row = m.get(label) or {}
+        table.add_row(label, _fmt(row.get("forget_acc")), _fmt(row.get("retain_acc")))
+    console.print(table)
+
+
+def _print_sweep(s: dict[str, Any]) -> None:
+    orig = s["original"]
+    table = Table(
+        title=f"sweep {s['method']} (original forget {orig['forget_acc']:.3f}, "
+        f"retain {orig['retain_acc']:.3f}; keep retain >= original - {s['retain_threshold']:g})"
+    )
+    for col in ("#", "params", "status", "forget", "retain", "steps", "s", ""):
+        table.add_column(col)
+    for p in s["points"]:
+        params = " ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items()
+        )
+        table.add_row(
+            str(p["index"]), params, p["status"], _fmt(p["forget_acc"]), _fmt(p["retain_acc"]),
+            str(p["steps"]), f"{p['wall_time']:.1f}", "selected" if p["selected"] else "",
+        )  # fmt: skip
+    console.print(table)
+    console.print(s["note"])
+
+
+def unlearn_cmd(
+    model: Annotated[str, typer.Option(help="hub id or local model directory")],
+    data: Annotated[str, typer.Option(help="dataset directory (the forget splits)")],
+    method: Annotated[str, typer.Option(help="gd, ria, fwf, rmu, npo or simnpo")],
+    out: Annotated[Path, typer.Option(help="output directory (model + metrics.json)")],
+    retain_data: Annotated[
+        str | None,
+        typer.Option(help="dataset with retain data (needed when --data is not a world)"),
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: per method)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="passes over the forget text")] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
+    retain_coef: Annotated[float | None, typer.Option(help="λ, weight of the retain NLL")] = None,
+    steering_coef: Annotated[float | None, typer.Option(help="RMU: c (absolute)")] = None,
+    alpha: Annotated[float | None, typer.Option(help="RMU: retain weight α")] = None,
+    layer: Annotated[int | None, typer.Option(help="RMU: layer ℓ")] = None,
+    beta: Annotated[float | None, typer.Option(help="NPO / SimNPO: β")] = None,
+    delta: Annotated[float | None, typer.Option(help="SimNPO: margin δ")] = None,
+    target_forget_acc: Annotated[
+        float | None, typer.Option(help="stop once forget accuracy is at most this")
+    ] = None,
+    eval_every_steps: Annotated[int, typer.Option()] = 10,
+    sweep: Annotated[bool, typer.Option(help="run the method's grid and select")] = False,
+    grid: Annotated[
+        str | None, typer.Option(help="sweep grid: inline JSON or a JSON/YAML file")
+    ] = None,
+    retain_threshold: Annotated[
+        float, typer.Option(help="sweep: keep points with retain >= original - this")
+    ] = 0.05,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option()] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Unlearn the forget splits of a dataset; write the model and metrics.json."""
+    from rtteval.methods import get_method
+    from rtteval.unlearn import UnlearnConfig, run_unlearn
+
+    get_method(method)
+    if optimizer is not None and optimizer not in ("adamw", "lion"):
+        raise ConfigError(f"--optimizer {optimizer!r}: use adamw or lion")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    given = dict(
+        retain_coef=retain_coef, steering_coef=steering_coef, alpha=alpha,
+        layer=layer, beta=beta, delta=delta,
+    )  # fmt: skip
+    hparams = {k: v for k, v in given.items() if v is not None}
+    cls = type(get_method(method))
+    unknown = sorted(set(hparams) - set(cls.hparam_names))
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ConfigError(f"{flags} does not apply to method {cls.name!r}")
+    cfg = UnlearnConfig(
+        method=method, hparams=hparams, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        eval_every_steps=eval_every_steps, target_forget_acc=target_forget_acc, seed=seed,
+    )  # fmt: skip
+    metrics, sweep_res = run_unlearn(
+        model, data, out, cfg,
+        retain_data_path=retain_data, do_sweep=sweep or grid is not None,
+        grid=_load_grid(grid), retain_threshold=retain_threshold, device=device,
+    )  # fmt: skip
+    if sweep_res is not None:
+        _print_sweep(sweep_res.to_dict())
+    if metrics.get("after") is not None:
+        _print_run(metrics)
+    summary = {
+        "out": str(out),
+        "method": metrics["method"],
+        "status": metrics["status"],
+        "model_written": metrics["model_written"],
+        "steps": metrics.get("steps"),
+        "wall_time": metrics.get("wall_time"),
+        "before": {k: (metrics.get("before") or {}).get(k) for k in ("forget_acc", "retain_acc")},
+        "after": {k: (metrics.get("after") or {}).get(k) for k in ("forget_acc", "retain_acc")},
+    }
+    if sweep_res is not None:
+        summary["selected"] = sweep_res.selected
+    print(json.dumps(summary))
+    if not metrics["model_written"]:
+        console.print(f"[yellow]no model written: {metrics.get('message') or metrics['status']}")
+        raise typer.Exit(1)

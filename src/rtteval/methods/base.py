@@ -1,0 +1,195 @@
+"""What an unlearning method is, and the forward-pass helpers they share.
+
+A method is a small class: its name, which corpus it trains on, default
+hyperparameters per model scale, a default sweep grid, and :meth:`Method.build`,
+which returns ``(loss_fn, trainable)`` for :func:`rtteval.train.train`.  The
+unlearning loop (:mod:`rtteval.unlearn`) hands every ``loss_fn`` a batch
+``{"forget": ..., "retain": ...}`` of padded token batches (see
+:func:`rtteval.train.pad_batch`), so a method never sees data loading,
+optimizers or evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rtteval.data import Dataset
+from rtteval.errors import ConfigError
+from rtteval.scoring import position_ids_from_mask
+from rtteval.train import Batch, LossFn, nll_loss
+
+Trainable = Callable[[str], bool] | None
+
+#: Model scales with their own defaults.  ``tiny`` is the embedded world's
+#: from-scratch Llamas (<= ~10M parameters, tuned here on 2 CPU cores);
+#: ``paper`` is Llama-3-8B-class models (starting points from the papers,
+#: not re-tuned here: sweep them).
+SCALES = ("tiny", "paper")
+TINY_MAX_PARAMS = 100_000_000
+
+
+def model_scale(model: torch.nn.Module) -> str:
+    """``tiny`` below 100M parameters, else ``paper``."""
+    n = sum(p.numel() for p in model.parameters())
+    return "tiny" if n < TINY_MAX_PARAMS else "paper"
+
+
+@dataclass
+class UnlearnContext:
+    """Everything a method may need to build its loss.
+
+    ``reference`` is a frozen copy of the model before unlearning (only for
+    methods with ``needs_reference``: NPO's log-ratio, RMU's retain
+    activations).  ``hparams`` are the method's resolved hyperparameters
+    (defaults for the model's scale, overridden by the user).
+    """
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    dataset: Dataset | None
+    forget_seqs: list[list[int]]
+    retain_seqs: list[list[int]]
+    hparams: dict[str, Any]
+    reference: torch.nn.Module | None = None
+    seed: int = 0
+
+
+class Method:
+    """Base class of an unlearning method; subclasses set the class attributes.
+
+    ``defaults[scale]`` mixes training settings (``lr``, ``optimizer``,
+    ``epochs``, ``max_steps``, ``target_forget_acc``; these fill the
+    :class:`rtteval.unlearn.UnlearnConfig` fields the user left unset) and
+    the method's own hyperparameters (everything else).  ``grid`` is the
+    default sweep: a key that names an ``UnlearnConfig`` field sets that
+    field, any other key sets a method hyperparameter.
+    """
+
+    name: ClassVar[str] = ""
+    #: Dataset attribute holding this method's forget-side text.
+    corpus: ClassVar[str] = "corpus"
+    needs_reference: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    grid: ClassVar[dict[str, list[Any]]] = {}
+    #: Keys of ``defaults`` that are this method's own hyperparameters.
+    hparam_names: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
+        raise NotImplementedError
+
+    @classmethod
+    def default_hparams(cls, scale: str) -> dict[str, Any]:
+        d = cls.defaults.get(scale) or cls.defaults["tiny"]
+        return {k: v for k, v in d.items() if k in cls.hparam_names}
+
+    @classmethod
+    def check_hparams(cls, hparams: dict[str, Any]) -> None:
+        unknown = sorted(set(hparams) - set(cls.hparam_names))
+        if unknown:
+            raise ConfigError(
+                f"method {cls.name!r} has no hyperparameter(s) {unknown}; "
+                f"it takes {list(cls.hparam_names)}"
+            )
+
+
+# --------------------------------------------------------------------------- forward helpers
+
+
+def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits of a right-padded batch, with mask-derived position ids."""
+    mask = batch["attention_mask"]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of a HF causal LM (Llama/Mistral/Qwen: ``model.model.layers``)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after layer ℓ is needed."""
+
+
+def layer_activations(model: torch.nn.Module, batch: Batch, layer: int) -> torch.Tensor:
+    """Residual-stream output of decoder layer ``layer`` ([B, T, D]).
+
+    A forward hook captures the block's output and then aborts the forward
+    pass, so the layers above ℓ and the LM head (most of an 8B model's
+    compute for an early ℓ) are never run.  The captured tensor keeps its
+    autograd graph.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        forward_logits(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"layer {layer} was not reached in the forward pass")
+    return captured[0]
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+def layer_index(param_name: str) -> int | None:
+    """The decoder-layer index in a parameter name (``model.layers.5.mlp...`` -> 5)."""
+    m = _LAYER_RE.search(param_name)
+    return int(m.group(1)) if m else None
+
+
+def frozen_filter(frozen: list[int | str] | None) -> Trainable:
+    """Trainable filter keeping some parameters fixed (``None``/empty: train all).
+
+    An int freezes that decoder layer; a string freezes every parameter
+    whose name contains it (``"embed_tokens"`` also freezes a tied LM head).
+    """
+    if not frozen:
+        return None
+    layers = {int(f) for f in frozen if isinstance(f, int) or str(f).isdigit()}
+    names = [str(f) for f in frozen if not (isinstance(f, int) or str(f).isdigit())]
+    return lambda n: layer_index(n) not in layers and not any(s in n for s in names)
+
+
+@dataclass
+class NllParts:
+    """Forget and retain mean NLLs of one step (for logging)."""
+
+    forget: torch.Tensor
+    retain: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def nll_pair(model: torch.nn.Module, batch: Batch) -> NllParts:
+    """Mean token NLL on the forget batch and on the retain batch."""
+    f = nll_loss(model, batch["forget"])
+    r = nll_loss(model, batch["retain"])
+    return NllParts(f, r, {"forget_nll": float(f.detach()), "retain_nll": float(r.detach())})

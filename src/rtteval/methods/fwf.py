@@ -1,0 +1,33 @@
+"""FWF — Fixed Wrong Fact: train on prose stating one fixed wrong answer per fact.
+
+Loss: ``NLL(fwf_corpus_split_K) + λ·NLL(retain text)``, the same as RIA but
+every passage about a fact names the *same* wrong answer, so the model
+learns a replacement fact; accuracy can fall well below chance.
+"""
+
+from __future__ import annotations
+
+from rtteval.methods import register
+from rtteval.methods.base import Method, Trainable, UnlearnContext, nll_pair
+from rtteval.methods.losses import relearn_with_retain
+from rtteval.train import LossFn
+
+
+@register("fwf")
+class FixedWrongFact(Method):
+    corpus = "fixed_wrong_corpus"
+    hparam_names = ("retain_coef",)
+    defaults = {
+        "tiny": dict(lr=1e-3, optimizer="adamw", epochs=20, target_forget_acc=0.3, retain_coef=1.0),
+        "paper": dict(lr=4e-7, optimizer="lion", epochs=3, target_forget_acc=0.3, retain_coef=1.0),
+    }
+    grid = {"lr": [3e-4, 1e-3, 3e-3], "retain_coef": [0.5, 1.0, 2.0]}
+
+    def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
+        lam = float(ctx.hparams["retain_coef"])
+
+        def loss_fn(model, batch):
+            parts = nll_pair(model, batch)
+            return relearn_with_retain(parts.forget, parts.retain, lam), parts.logs
+
+        return loss_fn, None

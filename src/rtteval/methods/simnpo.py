@@ -1,0 +1,54 @@
+"""SimNPO — Simple NPO (Fan et al. 2024): reference-free, length-normalised NPO.
+
+Loss: ``-(2/β)·mean log σ(-(β/|x|)·log πθ(x) - δ)`` on forget prose,
+``+ λ·NLL(retain text)``.  Dividing by the passage length removes NPO's
+bias toward long passages, and needing no reference model halves memory.
+"""
+
+from __future__ import annotations
+
+from rtteval.methods import register
+from rtteval.methods.base import Method, Trainable, UnlearnContext, forward_logits
+from rtteval.methods.losses import sequence_logprobs, simnpo_loss
+from rtteval.train import LossFn, nll_loss
+
+
+@register("simnpo")
+class SimNPO(Method):
+    corpus = "corpus"
+    hparam_names = ("beta", "delta", "retain_coef")
+    defaults = {
+        "tiny": dict(
+            lr=1e-3,
+            optimizer="adamw",
+            epochs=20,
+            target_forget_acc=0.3,
+            beta=2.5,
+            delta=0.0,
+            retain_coef=1.0,
+        ),
+        "paper": dict(
+            lr=1e-5,
+            optimizer="adamw",
+            epochs=3,
+            target_forget_acc=0.3,
+            beta=2.5,
+            delta=0.0,
+            retain_coef=1.0,
+        ),
+    }
+    grid = {"lr": [3e-4, 1e-3, 3e-3], "beta": [1.0, 2.5, 5.0]}
+
+    def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
+        beta, delta = float(ctx.hparams["beta"]), float(ctx.hparams["delta"])
+        lam = float(ctx.hparams["retain_coef"])
+
+        def loss_fn(model, batch):
+            f = batch["forget"]
+            logp, n = sequence_logprobs(forward_logits(model, f), f["labels"])
+            forget = simnpo_loss(logp, n, beta, delta)
+            retain = nll_loss(model, batch["retain"])
+            logs = {"simnpo": float(forget.detach()), "retain_nll": float(retain.detach())}
+            return forget + lam * retain, logs
+
+        return loss_fn, None

@@ -1,0 +1,296 @@
+"""Study config -> job DAG.
+
+For every seed and dataset::
+
+    world ──> pretrain original ──> unlearn (one per grid point) ──> select ──> attack (per fold)
+          └─> pretrain control ─────────────────────────────────────────────> attack (per fold)
+                         original ───────────────────────────────────────────> attack (per fold)
+
+With ``model.hf`` there is no world or pretrain job: the original is the
+loaded model (or a ``finetune`` job's output when the dataset has
+``finetune_first``, in which case the base model is the control).
+
+Attacks on the original and the control do not depend on any method, so
+they are shared by all methods and run as soon as their model exists.
+
+Job configs hold everything that determines a job's output (so it goes into
+the key) and nothing that does not: the device, batch size of evaluation and
+the like travel in :attr:`PlannedJob.runtime`, so moving a study from CPU to
+GPU or changing workers never invalidates finished jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rtteval.config import DatasetSpec, StudyConfig
+from rtteval.errors import ConfigError
+from rtteval.runner.jobs import Job
+
+#: Placeholder fold used by --dry-run when a dataset's splits are unknown (data not present).
+UNKNOWN_FOLD = "*"
+STAGES = ("world", "finetune", "pretrain", "unlearn", "select", "attack")
+
+
+@dataclass
+class PlannedJob:
+    job: Job
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttackGroup:
+    """The attack jobs of one model (role) on one dataset and seed, in fold order."""
+
+    dataset: str
+    seed: int
+    role: str  # original | control | unlearned
+    label: str
+    method: str | None
+    keys: list[str]
+    folds: list[str]
+    select_key: str | None = None
+
+
+@dataclass
+class _Scope:
+    """One (dataset, seed) of the plan: what its jobs share."""
+
+    dataset: str
+    tag: str
+    seed: int
+    folds: list[str]
+    data_cfg: dict[str, Any]
+    base_deps: list[Job]
+
+
+@dataclass
+class Plan:
+    jobs: list[PlannedJob]
+    groups: list[AttackGroup]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def by_key(self) -> dict[str, PlannedJob]:
+        return {p.job.key: p for p in self.jobs}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.jobs:
+            out[p.job.stage] = out.get(p.job.stage, 0) + 1
+        return out
+
+
+def fingerprint_dir(path: str | Path, *, max_hash_bytes: int = 256 << 20) -> str:
+    """A content hash of a dataset directory's ``*.jsonl`` and ``manifest.json`` files.
+
+    Content rather than mtimes, so a copied dataset still matches its
+    finished jobs; files beyond ``max_hash_bytes`` in total contribute their
+    size only, which keeps planning fast on very large corpora.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    budget = max_hash_bytes
+    for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if f.suffix != ".jsonl" and f.name != "manifest.json":
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        if size <= budget:
+            budget -= size
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def _split_names(ds: DatasetSpec, i: int, *, dry_run: bool) -> list[str] | None:
+    """Forget split names from the config, the world's config, or the data; None if unknown."""
+    if ds.world is not None:
+        return ds.world.split_names()
+    if ds.splits is not None:
+        return list(ds.splits)
+    assert ds.path is not None
+    if dry_run and (ds.path.startswith("hf://") or not Path(ds.path).is_dir()):
+        return None
+    from rtteval.data import load_dataset
+
+    return list(load_dataset(ds.path).split_names)
+
+
+def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
+    """All jobs of a study, dependencies first.  Reads dataset directories, never loads a model."""
+    jobs: list[PlannedJob] = []
+    groups: list[AttackGroup] = []
+    notes: list[str] = []
+    seen: dict[str, Job] = {}
+    fake = cfg.debug.fake_jobs
+
+    def add(stage: str, name: str, config: dict[str, Any], deps: list[Job], **runtime: Any) -> Job:
+        j = Job.make(stage, name, config, deps, kind="fake" if fake else None)
+        if j.key in seen:
+            return seen[j.key]
+        seen[j.key] = j
+        rt = {"device": cfg.device, **runtime}
+        if fake:
+            rt.update(sleep=cfg.debug.sleep, fail=name in cfg.debug.fail)
+        jobs.append(PlannedJob(j, rt))
+        return j
+
+    hf = cfg.model.hf
+    hf_ref = None
+    if hf is not None:
+        hf_ref = {
+            "id": hf.id, "path": hf.path, "dtype": hf.dtype,
+            "trust_remote_code": hf.trust_remote_code,
+        }  # fmt: skip
+    hf_runtime = {"device_map": hf.device_map} if hf is not None else {}
+
+    def model_source(
+        sc: _Scope, job: Job | None, ref: dict[str, Any] | None
+    ) -> tuple[Any, list[Job]]:
+        """A model is a dependency's artifact ("dep") or a hub id / path from the config."""
+        if job is not None:
+            return "dep", [*sc.base_deps, job]
+        return ref, list(sc.base_deps)
+
+    def attack_jobs(
+        sc: _Scope, role: str, label: str, method: str | None, src: Job | None,
+        ref: dict[str, Any] | None, select_key: str | None = None,
+    ) -> None:  # fmt: skip
+        model, deps = model_source(sc, src, ref)
+        keys = []
+        for fold in sc.folds:
+            j = add(
+                "attack", f"attack {label} {sc.tag} {fold}",
+                {"attack": cfg.attack.name, "role": role, "label": label, "method": method,
+                 "dataset": sc.dataset, "data": sc.data_cfg, "model": model, "fold": fold,
+                 "rtt": cfg.attack.rtt_dict(sc.seed), "seed": sc.seed},
+                deps, eval_batch_size=cfg.attack.eval_batch_size, **hf_runtime,
+            )  # fmt: skip
+            keys.append(j.key)
+        groups.append(
+            AttackGroup(sc.dataset, sc.seed, role, label, method, keys, list(sc.folds), select_key)
+        )
+
+    for di, ds in enumerate(cfg.datasets):
+        dname = ds.label
+        world_job: Job | None = None
+        data_cfg: dict[str, Any]
+        if ds.world is not None:
+            world_job = add(
+                "world",
+                f"world {dname}",
+                {"preset": ds.world.preset, "seed": ds.world.seed,
+                 "overrides": dict(ds.world.overrides)},
+                [],
+            )  # fmt: skip
+            data_cfg = {"from": "world"}
+        else:
+            assert ds.path is not None
+            data_cfg = {"path": ds.path, "fingerprint": fingerprint_dir(ds.path)}
+        if ds.retain is not None:
+            data_cfg["retain"] = ds.retain
+            data_cfg["retain_fingerprint"] = fingerprint_dir(ds.retain)
+        splits = _split_names(ds, di, dry_run=dry_run)
+        folds = list(cfg.attack.folds) if cfg.attack.folds else splits
+        if splits is not None and cfg.attack.folds:
+            bad = [f for f in cfg.attack.folds if f not in splits]
+            if bad:
+                raise ConfigError(
+                    f"fold(s) {bad} are not forget splits of dataset {dname!r} ({splits})",
+                    field="attack.folds",
+                )
+        if folds is None:
+            folds = [UNKNOWN_FOLD]
+            notes.append(
+                f"dataset {dname!r}: forget splits unknown until {ds.path} exists; attack jobs "
+                "are counted once per model here (list them in datasets[].splits for an exact count)"
+            )
+        base_deps = [world_job] if world_job is not None else []
+
+        for seed in cfg.seeds:
+            tag = f"{dname} s{seed}"
+            original: Job | None = None
+            control: Job | None = None
+            original_ref: dict[str, Any] | None = None
+            control_ref: dict[str, Any] | None = None
+            if cfg.model.tiny is not None:
+                t = cfg.model.tiny
+                common = {"dataset": dname, "model_preset": t.preset,
+                          "pretrain": t.pretrain.model_dump(), "seed": seed}  # fmt: skip
+                original = add(
+                    "pretrain", f"pretrain original {tag}",
+                    {**common, "role": "original", "exclude_forget": False}, base_deps,
+                )  # fmt: skip
+                control = add(
+                    "pretrain", f"pretrain control {tag}",
+                    {**common, "role": "control", "exclude_forget": True}, base_deps,
+                )  # fmt: skip
+            else:
+                assert hf_ref is not None and hf is not None
+                if ds.finetune_first:
+                    original = add(
+                        "finetune", f"finetune {tag}",
+                        {"dataset": dname, "data": data_cfg, "model": hf_ref,
+                         "finetune": cfg.finetune.model_dump(), "seed": seed},
+                        base_deps, **hf_runtime,
+                    )  # fmt: skip
+                    control_ref = hf_ref
+                else:
+                    original_ref = hf_ref
+                    if hf.control is not None:
+                        control_ref = {**hf_ref, "id": hf.control.id, "path": hf.control.path}
+
+            sc = _Scope(dname, tag, seed, list(folds), data_cfg, list(base_deps))
+
+            if cfg.attack.controls:
+                attack_jobs(sc, "original", "original", None, original, original_ref)
+                if control is not None or control_ref is not None:
+                    attack_jobs(sc, "control", "control", None, control, control_ref)
+
+            for m in cfg.methods:
+                from rtteval.unlearn import expand_grid
+
+                model, deps = model_source(sc, original, original_ref)
+                points = expand_grid(dict(m.grid))
+                unlearn_jobs = []
+                for pi, point in enumerate(points):
+                    shown = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
+                    unlearn_jobs.append(
+                        add(
+                            "unlearn",
+                            f"unlearn {m.display} {tag} {shown}",
+                            {
+                                "method": m.name,
+                                "label": m.display,
+                                "dataset": dname,
+                                "data": data_cfg,
+                                "model": model,
+                                "point": point,
+                                "index": pi,
+                                "fixed": dict(m.fixed),
+                                "seed": seed,
+                            },
+                            deps,
+                            **hf_runtime,
+                        )  # fmt: skip
+                    )
+                sel = add(
+                    "select", f"select {m.display} {tag}",
+                    {"method": m.name, "label": m.display, "dataset": dname, "seed": seed,
+                     "retain_threshold": cfg.selection.retain_threshold},
+                    unlearn_jobs,
+                )  # fmt: skip
+                attack_jobs(sc, "unlearned", m.display, m.name, sel, None, select_key=sel.key)
+
+    names = [p.job.name for p in jobs]
+    if len(set(names)) != len(names):  # pragma: no cover - a planning bug, not a user error
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise RuntimeError(f"duplicate job names in plan: {dup[:3]}")
+    return Plan(jobs, groups, notes)

@@ -1,0 +1,647 @@
+"""Running an unlearning method: one run, a sweep with selection, and the CLI's work.
+
+Every method trains through :func:`rtteval.train.train`; each step sees one
+forget batch and one retain batch (``{"forget": ..., "retain": ...}``).  An
+epoch is one pass over the forget text; the retain text is an endless stream
+of shuffled passes, so when it is the shorter one it is cycled, and when it
+is the longer one it simply carries on across epochs.
+
+Forget accuracy is measured on all forget splits and retain accuracy on
+held-out retain questions that the retain loss never trained on (the
+world's ``retain_eval``; for the paper's datasets, half of the
+``--retain-data`` question files, see :func:`retain_data`), before, every
+``eval_every_steps`` steps during, and after training.  A run stops early
+once forget accuracy reaches ``target_forget_acc``; a non-finite or
+exploding loss ends it with status ``diverged`` rather than an exception.
+
+A sweep restores the weights from an in-memory snapshot between grid
+points, keeps every point's metrics, and selects the point with the lowest
+forget accuracy among those whose retain accuracy is at least the
+original's minus ``retain_threshold`` (ties: higher retain accuracy, then
+the earlier point).  Diverged points are never selected.  If no point
+qualifies, nothing is selected: the report says so, the model is left at
+its original weights and the CLI writes no model, because a model that
+lost the retain facts is not a valid unlearned model to attack.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rtteval.data import MCQ, Dataset, load_dataset
+from rtteval.errors import ConfigError
+from rtteval.methods import get_method
+from rtteval.methods.base import Method, UnlearnContext, frozen_filter, model_scale
+from rtteval.models import restore_state, save_model, snapshot_state
+from rtteval.pretrain import scoring_for
+from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
+from rtteval.store import write_json_atomic
+from rtteval.train import Batch, TrainConfig, encode_texts, make_batches, train
+
+#: UnlearnConfig fields that a method's per-scale defaults fill when left as None.
+TRAIN_DEFAULT_KEYS = ("lr", "optimizer", "epochs", "max_steps", "target_forget_acc")
+
+
+@dataclass
+class UnlearnConfig:
+    """One unlearning run.  ``None`` means "the method's default for this model scale".
+
+    ``hparams`` overrides the method's own hyperparameters (``retain_coef``,
+    ``steering_coef``, ``alpha``, ``layer``, ``beta``, ``delta`` ...).
+    ``max_loss``: a step whose loss exceeds it in absolute value counts as
+    divergence (RMU's loss is O(c²/D), the NLL-based ones O(10)).
+    """
+
+    method: str = "gd"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    optimizer: Literal["adamw", "lion"] | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int = 32
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.0
+    frozen: list[int | str] | None = None
+    eval_every_steps: int = 10
+    target_forget_acc: float | None = None
+    max_loss: float = 1e4
+    seed: int = 0
+    scale: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_config(cfg: UnlearnConfig, method: Method, scale: str) -> UnlearnConfig:
+    """Fill the unset fields and hyperparameters from the method's defaults for ``scale``."""
+    defaults = method.defaults.get(scale) or method.defaults["tiny"]
+    method.check_hparams(cfg.hparams)
+    out = replace(cfg, method=method.name, scale=scale)
+    for k in TRAIN_DEFAULT_KEYS:
+        if getattr(out, k) is None and k in defaults:
+            setattr(out, k, defaults[k])
+    out.hparams = {**method.default_hparams(scale), **cfg.hparams}
+    if out.lr is None or out.lr <= 0:
+        raise ConfigError(f"learning rate must be positive, got {out.lr}")
+    return out
+
+
+def apply_point(cfg: UnlearnConfig, point: dict[str, Any]) -> UnlearnConfig:
+    """``cfg`` with a grid point applied: config fields by name, anything else as a hparam."""
+    names = {f.name for f in fields(UnlearnConfig)}
+    out = replace(cfg, hparams=dict(cfg.hparams))
+    for k, v in point.items():
+        if k in names and k != "hparams":
+            setattr(out, k, v)
+        else:
+            out.hparams[k] = v
+    return out
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of a grid, in the order its keys and values are written."""
+    if not grid:
+        return [{}]
+    keys = list(grid)
+    for k in keys:
+        if not isinstance(grid[k], list | tuple) or not grid[k]:
+            raise ConfigError(f"grid entry {k!r} must be a non-empty list, got {grid[k]!r}")
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*grid.values())]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def forget_texts(dataset: Dataset, method: Method) -> tuple[list[str], str]:
+    """The forget-side training text of ``method`` and a description of where it came from.
+
+    Methods on the true corpus fall back to the forget questions written out
+    with their answers when a dataset has no ``corpus_`` files (MMLU);
+    RIA/FWF need their wrong-answer corpora and refuse without them.
+    """
+    passages = dataset.passages(method.corpus)
+    if passages:
+        return [p.text for p in passages], f"{method.corpus} of {dataset.split_names}"
+    if method.corpus == "corpus":
+        texts = [format_mcq(q, with_answer=True) for q in dataset.questions()]
+        return texts, f"forget questions with answers (no corpus_ files) of {dataset.split_names}"
+    prefix = {"wrong_corpus": "whp_corpus_", "fixed_wrong_corpus": "fwf_corpus_"}[method.corpus]
+    raise ConfigError(
+        f"method {method.name!r} trains on {prefix}<split>.jsonl files, and {dataset.root} "
+        f"has none for its forget splits {dataset.split_names}"
+    )
+
+
+@dataclass
+class RetainData:
+    """Retain training text, the held-out retain questions, and how to score them."""
+
+    texts: list[str]
+    eval_questions: list[MCQ]
+    scoring: ScoringConfig
+    source: str
+
+
+def _texts_for(ds: Dataset, names: list[str]) -> list[str]:
+    passages = ds.passages("corpus", names)
+    if passages:
+        return [p.text for p in passages]
+    return [format_mcq(q, with_answer=True) for q in ds.questions(names)]
+
+
+def retain_data(
+    dataset: Dataset, retain_dataset: Dataset | None = None, *, seed: int = 0
+) -> RetainData:
+    """Where the retain loss trains and where retain accuracy is measured — never the same facts.
+
+    * A world (its manifest names ``retain_train`` and ``retain_eval``): train
+      on ``corpus_retain_train``, evaluate on ``retain_eval``.  The same holds
+      for a ``retain_dataset`` that is a world.
+    * Another ``retain_dataset`` (e.g. the paper's MMLU categories): its
+      question files are divided alternately into train and eval halves (one
+      file: a seeded half of its questions each); the train half's corpus, or
+      its questions written out with answers, is the retain text.
+    * Neither: :class:`ConfigError`, since evaluating retain accuracy on the
+      retain training data would overstate what survives.
+    """
+    src = retain_dataset if retain_dataset is not None else dataset
+    m = src.manifest or {}
+    tr, ev = m.get("retain_train"), m.get("retain_eval")
+    if tr in src.retain and ev in src.retain:
+        return RetainData(
+            _texts_for(src, [tr]), src.retain[ev], scoring_for(src), f"{src.name}: {tr} / {ev}"
+        )
+    if retain_dataset is None:
+        raise ConfigError(
+            f"{dataset.root} has no held-out retain data (a world's manifest names retain_train "
+            "and retain_eval); pass --retain-data DIR, e.g. the MMLU retain categories"
+        )
+    names = list(src.splits) + list(src.retain)
+    if len(names) >= 2:
+        train_names, eval_names = names[1::2], names[0::2]
+        texts, eval_q = _texts_for(src, train_names), src.questions(eval_names)
+        source = f"{src.name}: train {train_names} / eval {eval_names}"
+    else:
+        qs = list(src.questions(names))
+        random.Random(seed).shuffle(qs)
+        half = len(qs) // 2
+        if half == 0:
+            raise ConfigError(f"retain data {src.root} has too few questions to hold half out")
+        texts = [format_mcq(q, with_answer=True) for q in qs[:half]]
+        eval_q = qs[half:]
+        source = f"{src.name}: {names[0]} split in halves (train {half} / eval {len(eval_q)})"
+    return RetainData(texts, eval_q, scoring_for(src), source)
+
+
+def paired_batches(
+    forget: list[list[int]], retain: list[list[int]], batch_size: int, pad_id: int, seed: int
+):
+    """``batches(epoch)`` for train(): each forget batch paired with the next retain batch."""
+    if not forget or not retain:
+        raise ConfigError("unlearning needs non-empty forget and retain text")
+    n_retain = math.ceil(len(retain) / batch_size)
+    cache: dict[int, list[Batch]] = {}
+
+    def retain_pass(r: int) -> list[Batch]:
+        if r not in cache:
+            cache.clear()
+            cache[r] = make_batches(retain, batch_size, pad_id, seed=seed * 7919 + 100_003 + r)
+        return cache[r]
+
+    def batches(epoch: int) -> list[Batch]:
+        fb = make_batches(forget, batch_size, pad_id, seed=seed * 7919 + epoch)
+        out = []
+        for i, f in enumerate(fb):
+            r, j = divmod(epoch * len(fb) + i, n_retain)
+            out.append({"forget": f, "retain": retain_pass(r)[j]})
+        return out
+
+    return batches
+
+
+@dataclass
+class Prepared:
+    """A method's encoded data and evaluation sets, built once per run or sweep."""
+
+    method: Method
+    forget_seqs: list[list[int]]
+    retain_seqs: list[list[int]]
+    forget_questions: list[MCQ]
+    forget_split_sizes: dict[str, int]
+    forget_scoring: ScoringConfig
+    retain: RetainData
+    forget_source: str
+
+
+def prepare(
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    method: Method,
+    retain_dataset: Dataset | None = None,
+    seed: int = 0,
+) -> Prepared:
+    texts, source = forget_texts(dataset, method)
+    retain = retain_data(dataset, retain_dataset, seed=seed)
+    return Prepared(
+        method=method,
+        forget_seqs=encode_texts(tokenizer, texts),
+        retain_seqs=encode_texts(tokenizer, retain.texts),
+        forget_questions=dataset.questions(),
+        forget_split_sizes={n: len(q) for n, q in dataset.splits.items()},
+        forget_scoring=scoring_for(dataset),
+        retain=retain,
+        forget_source=source,
+    )
+
+
+def evaluate_unlearning(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prep: Prepared
+) -> dict[str, Any]:
+    """Mean forget accuracy over all forget splits, per split, and held-out retain accuracy."""
+    res = evaluate_mcq(model, tokenizer, prep.forget_questions, prep.forget_scoring)
+    by_split, start = {}, 0
+    for name, n in prep.forget_split_sizes.items():
+        by_split[name] = sum(res.correct[start : start + n]) / max(n, 1)
+        start += n
+    retain = evaluate_mcq(model, tokenizer, prep.retain.eval_questions, prep.retain.scoring)
+    return {
+        "forget_acc": res.accuracy,
+        "retain_acc": retain.accuracy,
+        "forget_acc_by_split": by_split,
+    }
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class UnlearnResult:
+    """One run: ``status`` is ``completed``, ``stopped_early`` (target reached) or ``diverged``."""
+
+    method: str
+    status: str
+    config: dict[str, Any]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    history: list[dict[str, Any]]
+    steps: int
+    epochs_run: int
+    wall_time: float
+    message: str = ""
+    final_logs: dict[str, float] = field(default_factory=dict)
+    forget_source: str = ""
+    retain_source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model`` (NPO's reference policy, RMU's retain activations)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def unlearn(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    cfg: UnlearnConfig,
+    *,
+    retain_dataset: Dataset | None = None,
+    reference: torch.nn.Module | None = None,
+    before: dict[str, Any] | None = None,
+    prepared: Prepared | None = None,
+    progress: bool = True,
+) -> UnlearnResult:
+    """Unlearn the forget splits of ``dataset`` from ``model``, in place.
+
+    ``reference``, ``before`` and ``prepared`` let a sweep share the frozen
+    copy, the baseline evaluation and the encoded data between grid points.
+    """
+    method = get_method(cfg.method)
+    rcfg = resolve_config(cfg, method, cfg.scale or model_scale(model))
+    prep = prepared or prepare(tokenizer, dataset, method, retain_dataset, rcfg.seed)
+    if method.needs_reference and reference is None:
+        reference = make_reference(model)
+    ctx = UnlearnContext(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        forget_seqs=prep.forget_seqs,
+        retain_seqs=prep.retain_seqs,
+        hparams=rcfg.hparams,
+        reference=reference,
+        seed=rcfg.seed,
+    )
+    loss_fn, trainable = method.build(ctx)
+    frozen = frozen_filter(rcfg.frozen)
+    if frozen is not None:
+        inner = trainable
+        trainable = (lambda n: frozen(n) and inner(n)) if inner is not None else frozen
+
+    state: dict[str, Any] = {"logs": {}, "note": ""}
+
+    def guarded(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, logs = loss_fn(m, batch)
+        state["logs"] = logs
+        value = float(loss.detach())
+        if math.isfinite(value) and abs(value) > rcfg.max_loss:
+            state["note"] = f"|loss| {value:.4g} exceeded max_loss {rcfg.max_loss:g}"
+            return loss * math.inf, logs  # train() records a non-finite loss as divergence
+        return loss, logs
+
+    def stop(row: dict[str, Any]) -> bool:
+        target = rcfg.target_forget_acc
+        return target is not None and row["forget_acc"] <= target
+
+    tcfg = TrainConfig(
+        lr=float(rcfg.lr),
+        epochs=int(rcfg.epochs or 1),
+        max_steps=rcfg.max_steps,
+        optimizer=rcfg.optimizer or "adamw",
+        weight_decay=rcfg.weight_decay,
+        warmup_steps=rcfg.warmup_steps,
+        schedule=rcfg.schedule,
+        grad_clip=rcfg.grad_clip,
+        seed=rcfg.seed,
+        eval_every_steps=rcfg.eval_every_steps,
+        eval_every_epochs=None,
+        eval_at_start=before is None,
+    )
+    if before is not None and stop(before):
+        history: list[dict[str, Any]] = [{"step": 0, "epoch": 0, **before}]
+        return UnlearnResult(
+            method.name, "stopped_early", rcfg.to_dict(), before, before, history, 0, 0, 0.0,
+            "forget accuracy already at target", {}, prep.forget_source, prep.retain.source,
+        )  # fmt: skip
+    batches = paired_batches(
+        prep.forget_seqs, prep.retain_seqs, rcfg.batch_size, tokenizer.pad_token_id, rcfg.seed
+    )
+    t0 = time.perf_counter()
+    result = train(
+        model,
+        batches,
+        guarded,
+        tcfg,
+        evaluate=lambda m: evaluate_unlearning(m, tokenizer, prep),
+        stop=stop,
+        trainable=trainable,
+        progress=f"unlearn {method.name}" if progress else None,
+    )
+    history = list(result.history)
+    if before is None:
+        before = {k: v for k, v in history[0].items() if k not in ("step", "epoch")}
+    else:
+        history.insert(0, {"step": 0, "epoch": 0, **before})
+    if history and history[-1]["step"] == result.steps and result.steps > 0:
+        after = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
+    else:
+        after = evaluate_unlearning(model, tokenizer, prep)
+        history.append({"step": result.steps, "epoch": result.epochs_run, **after})
+    message = state["note"] or result.message
+    return UnlearnResult(
+        method=method.name,
+        status=result.status,
+        config=rcfg.to_dict(),
+        before=before,
+        after=after,
+        history=history,
+        steps=result.steps,
+        epochs_run=result.epochs_run,
+        wall_time=time.perf_counter() - t0,
+        message=message,
+        final_logs=state["logs"],
+        forget_source=prep.forget_source,
+        retain_source=prep.retain.source,
+    )
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def select_point(
+    rows: list[dict[str, Any]], original_retain: float, threshold: float = 0.05
+) -> int | None:
+    """Index of the row to keep, or None if no row qualifies.
+
+    Qualifying rows did not diverge and kept ``retain_acc >= original_retain
+    - threshold``; among them the lowest ``forget_acc`` wins, ties going to
+    the higher ``retain_acc`` and then to the earlier row.
+    """
+    best: int | None = None
+    floor = original_retain - threshold - 1e-9
+    for i, r in enumerate(rows):
+        if r.get("status") == "diverged" or r.get("retain_acc") is None:
+            continue
+        if not r["retain_acc"] >= floor:
+            continue
+        if best is None or (r["forget_acc"], -r["retain_acc"]) < (
+            rows[best]["forget_acc"],
+            -rows[best]["retain_acc"],
+        ):
+            best = i
+    return best
+
+
+@dataclass
+class SweepResult:
+    """Every grid point's result, in grid order, and which one was selected."""
+
+    method: str
+    grid: dict[str, list[Any]]
+    retain_threshold: float
+    original: dict[str, Any]
+    points: list[dict[str, Any]]
+    runs: list[UnlearnResult]
+    selected: int | None
+    note: str
+    wall_time: float
+
+    @property
+    def selected_run(self) -> UnlearnResult | None:
+        return None if self.selected is None else self.runs[self.selected]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "grid": self.grid,
+            "retain_threshold": self.retain_threshold,
+            "original": self.original,
+            "selected": self.selected,
+            "note": self.note,
+            "wall_time": self.wall_time,
+            "points": self.points,
+        }
+
+
+def sweep(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    base_cfg: UnlearnConfig,
+    grid: dict[str, list[Any]] | None = None,
+    *,
+    retain_threshold: float = 0.05,
+    retain_dataset: Dataset | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run every grid point from the same starting weights and select one (module docstring).
+
+    The weights are restored from an in-memory snapshot between points (never
+    reloaded from disk); the best qualifying point's weights are kept in a
+    second snapshot on the CPU, so at the end the model holds the selected
+    point's weights, or its original weights when nothing qualified.
+    """
+    method = get_method(base_cfg.method)
+    grid = dict(method.grid if grid is None else grid)
+    points = expand_grid(grid)
+    t0 = time.perf_counter()
+    start = snapshot_state(model)
+    prep = prepare(tokenizer, dataset, method, retain_dataset, base_cfg.seed)
+    reference = make_reference(model) if method.needs_reference else None
+    original = evaluate_unlearning(model, tokenizer, prep)
+    rows: list[dict[str, Any]] = []
+    runs: list[UnlearnResult] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    for i, point in enumerate(points):
+        if i:
+            restore_state(model, start)
+        cfg = apply_point(base_cfg, point)
+        run = unlearn(
+            model, tokenizer, dataset, cfg,
+            retain_dataset=retain_dataset, reference=reference, before=original,
+            prepared=prep, progress=progress,
+        )  # fmt: skip
+        runs.append(run)
+        rows.append(
+            {
+                "index": i,
+                "params": point,
+                "status": run.status,
+                "forget_acc": run.after["forget_acc"],
+                "retain_acc": run.after["retain_acc"],
+                "steps": run.steps,
+                "wall_time": run.wall_time,
+                "message": run.message,
+                "config": run.config,
+                "selected": False,
+            }
+        )
+        if select_point(rows, original["retain_acc"], retain_threshold) == i:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    selected = select_point(rows, original["retain_acc"], retain_threshold)
+    if selected is None:
+        restore_state(model, start)
+        note = (
+            f"no grid point kept retain accuracy >= {original['retain_acc']:.3f} - "
+            f"{retain_threshold:g} without diverging; nothing selected"
+        )
+    else:
+        assert best_state is not None
+        restore_state(model, best_state)
+        rows[selected]["selected"] = True
+        note = f"selected point {selected}: {points[selected]}"
+    return SweepResult(
+        method=method.name,
+        grid=grid,
+        retain_threshold=retain_threshold,
+        original=original,
+        points=rows,
+        runs=runs,
+        selected=selected,
+        note=note,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+# --------------------------------------------------------------------------- the CLI's work
+
+
+def run_unlearn(
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: UnlearnConfig,
+    *,
+    retain_data_path: str | Path | None = None,
+    do_sweep: bool = False,
+    grid: dict[str, list[Any]] | None = None,
+    retain_threshold: float = 0.05,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[dict[str, Any], SweepResult | None]:
+    """Load, unlearn (or sweep), and write ``out`` atomically.
+
+    Returns ``metrics.json``'s content and, for a sweep, the :class:`SweepResult`.
+
+    ``out`` gets the unlearned (or selected) model as safetensors plus
+    ``metrics.json``; a sweep adds ``sweep.json``.  A diverged run, or a sweep
+    where nothing qualified, writes the JSON files but no model.  Everything
+    is assembled in a temporary sibling directory and renamed into place, so
+    ``out`` is never half-written.
+    """
+    from rtteval.models import load_model
+
+    get_method(cfg.method)  # fail on a bad name before loading anything
+    dataset = load_dataset(data)
+    retain_ds = load_dataset(retain_data_path) if retain_data_path else None
+    model, tokenizer = load_model(model_path, device=device)
+    sweep_res: SweepResult | None = None
+    if do_sweep:
+        sweep_res = sweep(
+            model, tokenizer, dataset, cfg, grid,
+            retain_threshold=retain_threshold, retain_dataset=retain_ds, progress=progress,
+        )  # fmt: skip
+        run = sweep_res.selected_run
+        ok = run is not None
+    else:
+        run = unlearn(model, tokenizer, dataset, cfg, retain_dataset=retain_ds, progress=progress)
+        ok = run.status != "diverged"
+    metrics: dict[str, Any] = {
+        "model": str(model_path),
+        "data": str(data),
+        "retain_data": str(retain_data_path) if retain_data_path else None,
+        "model_written": ok,
+        **(run.to_dict() if run is not None else {"method": cfg.method, "status": "no_selection"}),
+    }
+    if sweep_res is not None:
+        metrics["sweep"] = {
+            k: v for k, v in sweep_res.to_dict().items() if k not in ("points", "grid")
+        }
+        if run is None:
+            metrics["before"] = sweep_res.original
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        stage = tmp / "out"
+        if ok:
+            save_model(model, tokenizer, stage)
+        stage.mkdir(exist_ok=True)
+        write_json_atomic(stage / "metrics.json", metrics)
+        if sweep_res is not None:
+            write_json_atomic(stage / "sweep.json", sweep_res.to_dict())
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics, sweep_res

@@ -1,0 +1,87 @@
+"""The method registry, RMU's parameter selection, and each method's defaults on the tiny world."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtteval.data import load_dataset
+from rtteval.errors import ConfigError
+from rtteval.methods import METHODS, get_method
+from rtteval.methods.base import decoder_layers, layer_activations, layer_index, model_scale
+from rtteval.methods.rmu import RMU, control_vector, default_layer
+from rtteval.models import load_model, snapshot_state
+from rtteval.train import pad_batch
+from rtteval.unlearn import UnlearnConfig, unlearn
+
+ALL = ["fwf", "gd", "npo", "ria", "rmu", "simnpo"]
+
+
+def test_registry_has_the_six_methods_and_rejects_unknown_names():
+    assert sorted(METHODS) == ALL
+    assert get_method("GD").name == "gd"
+    with pytest.raises(ConfigError, match="known: fwf, gd, npo, ria, rmu, simnpo"):
+        get_method("bogus")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_has_tiny_and_paper_defaults_and_a_grid(name):
+    cls = METHODS[name]
+    for scale in ("tiny", "paper"):
+        d = cls.defaults[scale]
+        assert d["lr"] > 0 and d["optimizer"] in ("adamw", "lion")
+        assert set(cls.default_hparams(scale)) == set(cls.hparam_names)
+    assert cls.grid and all(isinstance(v, list) and v for v in cls.grid.values())
+    with pytest.raises(ConfigError, match="no hyperparameter"):
+        cls.check_hparams({"not_a_knob": 1})
+
+
+def test_rmu_layer_scales_with_depth_and_control_vector_is_seeded_unit():
+    assert default_layer(32) == 7
+    assert default_layer(4) == 1
+    assert default_layer(2) == 1
+    assert RMU.resolve_layers({"layer": None, "param_layers": None}, 32) == (7, [5, 6, 7])
+    assert RMU.resolve_layers({"layer": 1, "param_layers": None}, 4) == (1, [0, 1])
+    with pytest.raises(ConfigError, match="out of range"):
+        RMU.resolve_layers({"layer": 9}, 4)
+    a, b = control_vector(16, 5.0, seed=3), control_vector(16, 5.0, seed=3)
+    assert torch.equal(a, b) and a.norm().item() == pytest.approx(5.0)
+    assert not torch.equal(a, control_vector(16, 5.0, seed=4))
+    assert layer_index("model.layers.12.mlp.down_proj.weight") == 12
+    assert layer_index("model.embed_tokens.weight") is None
+
+
+@pytest.fixture(scope="module")
+def tiny(pretrained_tiny):
+    model, tok = load_model(pretrained_tiny["original"], device="cpu")
+    return model, tok, load_dataset(pretrained_tiny["world"])
+
+
+def test_layer_activations_match_hidden_states(tiny):
+    model, tok, _ = tiny
+    batch = pad_batch([[1, 5, 6, 7], [1, 8]], tok.pad_token_id)
+    with torch.no_grad():
+        hs = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True
+        )
+        acts = layer_activations(model, batch, 0)
+    assert len(decoder_layers(model)) == 2
+    assert torch.allclose(acts[0], hs.hidden_states[1][0], atol=1e-4)
+    assert model_scale(model) == "tiny"
+
+
+def test_rmu_trains_only_the_chosen_parameters(tiny):
+    model, tok, ds = tiny
+    start = snapshot_state(model)
+    try:
+        cfg = UnlearnConfig(method="rmu", max_steps=3, lr=1e-2, target_forget_acc=None)
+        res = unlearn(model, tok, ds, cfg, progress=False)
+        assert res.steps == 3
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+        assert changed == {
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        }
+        assert all(p.requires_grad for p in model.parameters())  # train() restores the flags
+    finally:
+        model.load_state_dict(start)

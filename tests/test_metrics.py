@@ -1,0 +1,134 @@
+"""Recovery arithmetic, selection rules and bootstrap CIs on synthetic inputs."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rtteval.metrics import (
+    CurvePoint,
+    bootstrap_mean_ci,
+    bootstrap_recovery_ci,
+    chance_level,
+    recovery,
+    recovery_raw,
+    select_honest,
+    select_optimistic,
+)
+
+
+def test_chance_level_is_mean_of_one_over_k():
+    assert chance_level([4] * 10) == 0.25
+    assert chance_level([2, 4]) == pytest.approx(0.375)
+    with pytest.raises(ValueError):
+        chance_level([])
+
+
+def test_recovery_is_chance_adjusted_and_raw_is_a_plain_ratio():
+    # 88% "recovery" the paper's way can be much less above chance
+    assert recovery_raw(0.8, 0.9) == pytest.approx(0.8 / 0.9)
+    assert recovery(0.8, 0.9, 0.25) == pytest.approx((0.8 - 0.25) / (0.9 - 0.25))
+    assert recovery(0.25, 0.9, 0.25) == 0.0  # back to chance only: nothing recovered
+    assert recovery(0.9, 0.9, 0.25) == 1.0
+    assert recovery(0.2, 0.9, 0.25) < 0  # below chance is allowed, not clipped
+    # chance alone looks like 28% recovery in the raw ratio
+    assert recovery_raw(0.25, 0.9) == pytest.approx(0.2778, abs=1e-4)
+    # an original that RTT does not lift above chance tells us nothing
+    assert math.isnan(recovery(0.5, 0.25, 0.25))
+    assert math.isnan(recovery(0.5, 0.2, 0.25))
+    assert math.isnan(recovery_raw(0.5, 0.0))
+
+
+def _grid(v: dict[float, list[float]], h: dict[float, list[float]] | None = None):
+    pts = []
+    for lr, accs in v.items():
+        for ep, acc in enumerate(accs):
+            hold = None if h is None else h[lr][ep]
+            pts.append(CurvePoint(lr, ep, acc, hold))
+    return pts
+
+
+def test_select_optimistic_takes_best_v_and_ignores_epoch_zero():
+    pts = _grid({1e-4: [0.99, 0.3, 0.5, 0.6], 1e-3: [0.99, 0.7, 0.8, 0.75]})
+    best = select_optimistic(pts)
+    assert (best.lr, best.epoch, best.v_acc) == (1e-3, 2, 0.8)
+    # epoch 0 (before RTT) is never a candidate, even when it is the highest
+    assert best.v_acc < 0.99
+    assert select_optimistic(pts, min_epoch=0).epoch == 0
+
+
+def test_select_ties_go_to_smaller_lr_then_earlier_epoch():
+    pts = _grid({3e-3: [0.2, 0.8, 0.8], 1e-3: [0.2, 0.6, 0.8, 0.8]})
+    best = select_optimistic(pts)
+    assert (best.lr, best.epoch) == (1e-3, 2)
+    # order of the input does not matter
+    assert select_optimistic(list(reversed(pts))) == best
+
+
+def test_select_honest_uses_only_the_holdout():
+    v = {1e-4: [0.3, 0.4, 0.9], 1e-3: [0.3, 0.6, 0.5]}
+    h = {1e-4: [0.3, 0.5, 0.55], 1e-3: [0.3, 0.7, 0.6]}
+    pts = _grid(v, h)
+    honest = select_honest(pts)
+    assert (honest.lr, honest.epoch) == (1e-3, 1)
+    assert honest.v_acc == 0.6  # V at the honest choice, not V's best (0.9)
+    assert select_optimistic(pts).v_acc == 0.9
+    # no held-out slice -> no honest attacker
+    assert select_honest(_grid(v)) is None
+    assert select_optimistic([]) is None
+
+
+def test_select_skips_nan_points():
+    pts = [CurvePoint(1e-3, 1, float("nan"), float("nan")), CurvePoint(1e-3, 2, 0.4, 0.5)]
+    assert select_optimistic(pts).epoch == 2
+    assert select_honest(pts).epoch == 2
+
+
+def test_bootstrap_mean_ci_brackets_the_mean_and_is_seeded():
+    rng = np.random.default_rng(0)
+    x = rng.random(200) < 0.7
+    lo, hi = bootstrap_mean_ci(x, seed=1)
+    assert lo < x.mean() < hi
+    assert 0.05 < hi - lo < 0.2  # ~ 2 * 1.96 * sqrt(.21/200) = 0.127
+    assert bootstrap_mean_ci(x, seed=1) == (lo, hi)
+    assert bootstrap_mean_ci(np.ones(30)) == (1.0, 1.0)
+
+
+def test_bootstrap_mean_ci_covers_the_truth_about_95_percent():
+    rng = np.random.default_rng(123)
+    hits = 0
+    n_sims = 200
+    for s in range(n_sims):
+        x = rng.random(150) < 0.4
+        lo, hi = bootstrap_mean_ci(x, n_boot=400, seed=s)
+        hits += lo <= 0.4 <= hi
+    assert 0.88 <= hits / n_sims <= 0.99
+
+
+def test_recovery_ci_resamples_questions_jointly():
+    rng = np.random.default_rng(0)
+    o = (rng.random(200) < 0.9).astype(float)
+    # identical correctness: joint resampling keeps recovery exactly 1
+    cis = bootstrap_recovery_ci(o, o, 0.25, seed=0)
+    assert cis["recovery"] == (1.0, 1.0)
+    assert cis["recovery_raw"] == (1.0, 1.0)
+    u = o * (rng.random(200) < 0.8)
+    point = recovery(u.mean(), o.mean(), 0.25)
+    lo, hi = bootstrap_recovery_ci(u, o, 0.25, seed=0)["recovery"]
+    assert lo < point < hi
+    with pytest.raises(ValueError):
+        bootstrap_recovery_ci(u[:10], o, 0.25)
+
+
+def test_bootstrap_resamples_seeds_when_several():
+    # two seeds that disagree completely: question resampling alone sees no spread
+    u = np.stack([np.ones(50), np.zeros(50)])
+    lo, hi = bootstrap_mean_ci(u, seed=0)
+    assert lo == 0.0 and hi == 1.0
+    # one seed row equals the 1-D case
+    x = (np.arange(40) % 3 == 0).astype(float)
+    assert bootstrap_mean_ci(x[None, :], seed=3) == bootstrap_mean_ci(x, seed=3)
+    # recovery with 3 unlearning seeds against 1 original seed
+    o = np.ones((1, 50))
+    cis = bootstrap_recovery_ci(np.stack([np.ones(50)] * 3), o, 0.25, seed=0)
+    assert cis["recovery"] == (1.0, 1.0)

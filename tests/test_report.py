@@ -1,0 +1,245 @@
+"""build_results / write_report / `rtteval report` on synthetic attacks (no model needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rtteval.attacks.rtt import EpochEval, FoldAttack, ModelAttack, RunResult
+from rtteval.errors import UserError
+from rtteval.report import (
+    RESULT_FILES,
+    build_results,
+    load_results,
+    merge_results,
+    regenerate,
+    render_markdown,
+    summary_table,
+    write_report,
+)
+
+N = 20  # questions per fold
+FOLDS = ["split_0", "split_1"]
+
+
+def _bits(acc: float, n: int = N, offset: int = 0) -> list[bool]:
+    k = round(acc * n)
+    return [((i + offset) % n) < k for i in range(n)]
+
+
+def fake_attack(
+    label: str,
+    before: float,
+    curves: dict[float, list[float]],
+    holdout: dict[float, list[float]] | None = None,
+    retain: float = 0.9,
+    dataset: str = "world",
+) -> ModelAttack:
+    """Both folds share the curve; accuracies are exact multiples of 1/N."""
+    lrs = list(curves)
+    epochs = len(next(iter(curves.values())))
+    folds = []
+    for fi, v in enumerate(FOLDS):
+        runs = []
+        for lr in lrs:
+            eps = []
+            for e, acc in enumerate(curves[lr], 1):
+                h = None if holdout is None else holdout[lr][e - 1]
+                eps.append(
+                    EpochEval(
+                        e,
+                        acc,
+                        _bits(acc, offset=fi),
+                        h,
+                        None if h is None else _bits(h, 10),
+                        retain - 0.01 * e,
+                        1.0 / e,
+                    )
+                )
+            runs.append(RunResult(lr, "completed", eps, steps=10 * epochs))
+        folds.append(
+            FoldAttack(
+                v=v,
+                t=[f for f in FOLDS if f != v],
+                question_ids=[f"{v}-{i:04d}" for i in range(N)],
+                n_choices=[4] * N,
+                before=EpochEval(0, before, _bits(before, offset=fi), None, None, retain),
+                runs=runs,
+                provenance={"v": v, "t": [f for f in FOLDS if f != v], "checked": True,
+                            "n_train_texts": 30, "holdout_ids": [], "dropped_overlap": []},
+            )
+        )  # fmt: skip
+    cfg = {"lrs": lrs, "epochs": epochs, "holdout_fraction": 0.2 if holdout else 0.0}
+    return ModelAttack(label, dataset, cfg, {"mode": "likelihood"}, folds, retain_before=retain)
+
+
+@pytest.fixture
+def attacks():
+    lrs = [1e-4, 1e-3]
+    original = fake_attack(
+        "original",
+        1.0,
+        {1e-4: [1.0, 0.95], 1e-3: [0.9, 0.85]},
+        {1e-4: [1.0, 1.0], 1e-3: [0.9, 0.9]},
+    )
+    unlearned = fake_attack(
+        "gd",
+        0.25,
+        {1e-4: [0.5, 0.7], 1e-3: [0.8, 0.75]},
+        {1e-4: [0.5, 0.9], 1e-3: [0.6, 0.7]},  # the holdout prefers lr 1e-4, epoch 2
+        retain=0.8,
+    )
+    control = fake_attack(
+        "control", 0.25, {1e-4: [0.25, 0.3], 1e-3: [0.2, 0.25]}, {lr: [0.3, 0.2] for lr in lrs}
+    )
+    return original, unlearned, control
+
+
+def test_build_results_numbers_and_selection(attacks):
+    original, unlearned, control = attacks
+    res = build_results({"GD": unlearned}, original, control, config={"who": "test"}, n_boot=300)
+    (s,) = res["summary"]
+    assert (s["dataset"], s["method"], s["chance"], s["n_questions"]) == ("world", "GD", 0.25, 40)
+    assert s["original"] == 1.0 and s["unlearned"] == 0.25 and s["control"] == 0.25
+    # optimistic: best V over the grid (shared across folds)
+    assert s["original_rtt"] == 1.0 and s["unlearned_rtt"] == 0.8 and s["control_rtt"] == 0.3
+    assert s["chosen"]["unlearned_rtt"] == [{"lr": 1e-3, "epoch": 1}]
+    assert s["recovery"] == pytest.approx((0.8 - 0.25) / (1.0 - 0.25))
+    assert s["recovery_raw"] == pytest.approx(0.8)
+    lo, hi = s["recovery_ci"]
+    assert lo <= s["recovery"] <= hi
+    assert s["unlearned_rtt_ci"][0] <= 0.8 <= s["unlearned_rtt_ci"][1]
+    # retain before and at the chosen point
+    assert s["retain_original"] == 0.9 and s["retain_unlearned"] == 0.8
+    assert s["retain_unlearned_rtt"] == pytest.approx(0.79)
+    # honest: chosen on the holdout, V reported there
+    h = s["honest"]
+    assert h["chosen"]["unlearned_rtt"] == [{"lr": 1e-4, "epoch": 2}]
+    assert h["unlearned_rtt"] == 0.7
+    assert h["original_rtt"] == 1.0  # holdout tie at 1.0 -> smaller lr, earlier epoch
+    assert h["chosen"]["original_rtt"] == [{"lr": 1e-4, "epoch": 1}]
+    assert h["recovery"] == pytest.approx((0.7 - 0.25) / 0.75)
+    # per fold
+    assert [f["fold"] for f in res["folds"]] == FOLDS
+    assert all(f["unlearned_rtt"] == 0.8 and f["n_questions"] == N for f in res["folds"])
+    assert res["config"]["run"] == {"who": "test"}
+    assert {a["role"] for a in res["attacks"]} == {"original", "control", "unlearned"}
+    json.dumps(res, allow_nan=False)  # strict JSON
+
+
+def test_without_holdout_only_the_optimistic_attacker_is_reported():
+    o = fake_attack("o", 1.0, {1e-3: [1.0]})
+    u = fake_attack("u", 0.25, {1e-3: [0.5]})
+    res = build_results({"m": u}, o)
+    (s,) = res["summary"]
+    assert s["honest"] is None and s["control_rtt"] is None
+    assert s["recovery"] == pytest.approx(1 / 3)
+    assert "only the optimistic attacker" in render_markdown(res)
+
+
+def test_several_seeds_average_and_widen_the_ci(attacks):
+    original, unlearned, control = attacks
+    worse = fake_attack(
+        "gd", 0.25, {1e-4: [0.3, 0.3], 1e-3: [0.4, 0.3]}, {1e-4: [0.5, 0.5], 1e-3: [0.5, 0.5]}
+    )
+    one = build_results({"GD": unlearned}, original, control, n_boot=300)["summary"][0]
+    two = build_results({"GD": [unlearned, worse]}, original, control, n_boot=300)["summary"][0]
+    assert two["n_seeds"]["unlearned"] == 2
+    assert two["unlearned_rtt"] == pytest.approx((0.8 + 0.4) / 2)
+    assert two["chosen"]["unlearned_rtt"] == [{"lr": 1e-3, "epoch": 1}] * 2
+    w1 = one["recovery_ci"][1] - one["recovery_ci"][0]
+    w2 = two["recovery_ci"][1] - two["recovery_ci"][0]
+    assert w2 > w1
+
+
+def test_undefined_recovery_is_null_not_nan():
+    o = fake_attack("o", 0.25, {1e-3: [0.2]})  # RTT leaves the original below chance
+    u = fake_attack("u", 0.25, {1e-3: [0.5]})
+    s = build_results({"m": u}, o)["summary"][0]
+    assert s["recovery"] is None
+    assert s["recovery_raw"] == pytest.approx(2.5)
+
+
+def test_misaligned_attacks_are_refused(attacks):
+    original, unlearned, _ = attacks
+    unlearned.folds = unlearned.folds[:1]
+    with pytest.raises(ValueError, match="different folds"):
+        build_results({"GD": unlearned}, original)
+
+
+def test_report_files_and_regeneration_from_json_alone(attacks, tmp_path: Path):
+    original, unlearned, control = attacks
+    res = build_results({"GD": unlearned, "RMU": control}, original, control, n_boot=200)
+    paths = write_report(tmp_path, res)
+    assert sorted(paths) == sorted(RESULT_FILES)
+    for name in RESULT_FILES:
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "fig_recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "| world | GD |" in md and "Provenance" in md and "fig_rtt_curves.png" in md
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["method"] for r in rows] == ["GD", "RMU"]
+    assert float(rows[0]["recovery"]) == pytest.approx(0.55 / 0.75)
+    assert {"recovery_ci_lo", "recovery_ci_hi", "honest_recovery", "chosen_unlearned_rtt"} <= set(
+        rows[0]
+    )
+    assert rows[0]["chosen_unlearned_rtt"] == "0.001@1"
+    folds_csv = list(csv.DictReader((tmp_path / "results_folds.csv").open()))
+    assert len(folds_csv) == 4
+    # regenerate everything from results.json alone
+    saved_csv, saved_md = (tmp_path / "results.csv").read_text(), md
+    for name in RESULT_FILES[1:]:
+        (tmp_path / name).unlink()
+    regenerate(tmp_path)
+    assert (tmp_path / "results.csv").read_text() == saved_csv
+    assert (tmp_path / "report.md").read_text() == saved_md
+    assert (tmp_path / "fig_rtt_curves.png").exists()
+    assert load_results(tmp_path)["summary"] == json.loads(json.dumps(res["summary"]))
+
+
+def test_report_cli(attacks, tmp_path: Path, cli):
+    original, unlearned, control = attacks
+    write_report(
+        tmp_path, build_results({"GD": unlearned}, original, control, n_boot=100), plots=False
+    )
+    r = cli("report", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["files"]
+    assert (tmp_path / "fig_recovery.png").exists()
+    r = cli("report", tmp_path / "missing")
+    assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_load_results_rejects_foreign_files(tmp_path: Path):
+    with pytest.raises(UserError, match="no results.json"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"hello": 1}')
+    with pytest.raises(UserError, match="not an rtteval results file"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text("{")
+    with pytest.raises(UserError, match="invalid JSON"):
+        load_results(tmp_path)
+
+
+def test_merge_results_and_terminal_table(attacks):
+    original, unlearned, control = attacks
+    a = build_results({"GD": unlearned}, original, control, dataset="years", n_boot=50)
+    b = build_results({"GD": unlearned}, original, control, dataset="random_bd", n_boot=50)
+    m = merge_results(a, b)
+    assert m["datasets"] == ["years", "random_bd"]
+    assert [(s["dataset"], s["method"]) for s in m["summary"]] == [
+        ("years", "GD"),
+        ("random_bd", "GD"),
+    ]
+    assert set(m["config"]["per_dataset"]) == {"years", "random_bd"}
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(summary_table(m))
+    text = console.export_text()
+    assert "random_bd" in text and "0.73" in text
+    assert not math.isnan(m["summary"][0]["recovery"])
