@@ -67,7 +67,10 @@ def paper_rtt_run(
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     opt = PerParamLion(model.parameters(), lr=lr)
     eval_cfg = ScoringConfig(
-        mode=scoring.mode, likelihood_prompt=scoring.likelihood_prompt, batch_size=4, letter_format=scoring.letter_format
+        mode=scoring.mode,
+        likelihood_prompt=scoring.likelihood_prompt,
+        batch_size=4,
+        letter_format=scoring.letter_format,
     )
     rng = random.Random(seed)
     curve = []
@@ -88,6 +91,10 @@ def paper_rtt_run(
         evaluate_mcq(model, tok, retain_questions, eval_cfg)  # full retain eval every epoch
         with torch.no_grad():  # and a few sampled generations, as the paper logs
             for q in v_questions[:n_samples]:
-                ids = tok(scoring.likelihood_prompt.format(question=q.question), return_tensors="pt")
-                model.generate(**ids, max_new_tokens=8, do_sample=True, pad_token_id=tok.pad_token_id)
+                ids = tok(
+                    scoring.likelihood_prompt.format(question=q.question), return_tensors="pt"
+                )
+                model.generate(
+                    **ids, max_new_tokens=8, do_sample=True, pad_token_id=tok.pad_token_id
+                )
     return curve

@@ -141,6 +141,17 @@ def test_sweep_records_a_diverged_point_and_goes_on(tiny):
     restore_state(model, start)
 
 
+def test_sweep_with_no_qualifying_point_selects_none_and_restores_weights(tiny):
+    model, tok, ds = tiny
+    start = snapshot_state(model)
+    cfg = UnlearnConfig(method="gd", max_steps=2, eval_every_steps=2)
+    # a negative threshold demands retain above the original: nothing can qualify
+    res = sweep(model, tok, ds, cfg, {"lr": [1e-3]}, retain_threshold=-0.5, progress=False)
+    assert res.selected is None and res.selected_run is None
+    assert "nothing selected" in res.note and not res.points[0]["selected"]
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
 def run_cli(monkeypatch, capsys, *args):
     from rtteval.cli import main
 
@@ -179,3 +190,19 @@ def test_cli_unknown_method_is_one_line_exit_2(pretrained_tiny, tmp_path, monkey
     assert code == 2
     assert err.strip().count("\n") == 0 and "unknown unlearning method 'nope'" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_diverged_run_writes_metrics_but_no_model(
+    pretrained_tiny, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "bad"
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "unlearn", "--model", str(pretrained_tiny["original"]),
+        "--data", str(pretrained_tiny["world"]), "--method", "gd", "--out", str(out),
+        "--lr", "1e4", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 1
+    assert json.loads(stdout.strip().splitlines()[-1])["status"] == "diverged"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and not metrics["model_written"]
+    assert not (out / "model.safetensors").exists()

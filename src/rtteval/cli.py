@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from rtteval.cli_attack import attack_cmd, report_cmd
 from rtteval.cli_run import run_cmd, status_cmd
@@ -138,29 +137,29 @@ def eval_cmd(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/demo"),
-    seed: Annotated[int, typer.Option()] = 0,
-    preset: Annotated[str, typer.Option(help="world preset")] = "small",
-    serial: Annotated[bool, typer.Option(help="pretrain in one process instead of two")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted key=value overrides of the demo config")
+    ] = None,
 ) -> None:
-    """World -> pretrain (original + control) -> evaluate, on the embedded default."""
+    """The embedded default end to end: world, pretraining, GD/RIA/RMU, RTT on all folds, report."""
     from rtteval.pipeline import run_demo
+    from rtteval.report import summary_table
 
-    s = run_demo(out, seed=seed, world_preset=preset, parallel=not serial, console=console)
-    table = Table(title=f"rtteval demo ({s['wall_time']:.0f} s)")
-    table.add_column("model")
-    table.add_column("forget acc", justify="right")
-    table.add_column("retain acc", justify="right")
-    for name in ("original", "control"):
-        row = s[name]
-        table.add_row(name, f"{row['forget_acc']:.3f}", f"{row['retain_acc']:.3f}")
-    Console().print(table)
-    print(json.dumps(s))
+    results = run_demo(out, overrides=list(overrides or []), say=console.print)
+    Console(width=max(140, Console().width)).print(summary_table(results))
+    wall = results.get("meta", {}).get("demo_wall_time", 0.0)
+    Console().print(
+        f"report: {Path(out) / 'report.md'}  plots: {Path(out) / 'fig_recovery.png'}  ({wall:.0f} s)"
+    )
 
 
 def main() -> None:
     """Entry point: user errors become one stderr line and exit status 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        # with standalone_mode=False, a command's typer.Exit(code) comes back as a return value
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
     except UserError as e:
         print(f"rtteval: error: {e.render()}", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,7 @@ rich table on stderr, a JSON summary on stdout.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -144,6 +145,7 @@ def unlearn_cmd(
         model, data, out, cfg,
         retain_data_path=retain_data, do_sweep=sweep or grid is not None,
         grid=_load_grid(grid), retain_threshold=retain_threshold, device=device,
+        progress=sys.stdout.isatty(),  # train()'s bar prints to stdout; keep piped JSON clean
     )  # fmt: skip
     if sweep_res is not None:
         _print_sweep(sweep_res.to_dict())
@@ -164,4 +166,6 @@ def unlearn_cmd(
     print(json.dumps(summary))
     if not metrics["model_written"]:
         console.print(f"[yellow]no model written: {metrics.get('message') or metrics['status']}")
-        raise typer.Exit(1)
+        # SystemExit, not typer.Exit: with standalone_mode=False click returns
+        # typer.Exit's code and cli.main() drops it.
+        sys.exit(1)

@@ -652,6 +652,9 @@ def load_config(
     ov = parse_overrides(list(overrides))
     overridden = {loc: t for loc, _v, t in ov}
     data = apply_overrides(data, ov)
+    if "output_dir" not in data:
+        # like most experiment tools: results go under the current directory, runs/<name>
+        data["output_dir"] = str(Path.cwd() / "runs" / str(data.get("name", "study")))
     base = Path(path).resolve().parent if path is not None else Path.cwd()
     data = _resolve_paths(data, base, overridden)
     try:

@@ -334,6 +334,7 @@ def train(
 
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(
@@ -343,6 +344,7 @@ def train(
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
             transient=True,
+            console=Console(stderr=True),  # stdout is for results (JSON)
         )
         bar.start()
         task = bar.add_task(progress, total=total, info="")

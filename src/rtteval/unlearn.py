@@ -62,6 +62,10 @@ class UnlearnConfig:
     ``steering_coef``, ``alpha``, ``layer``, ``beta``, ``delta`` ...).
     ``max_loss``: a step whose loss exceeds it in absolute value counts as
     divergence (RMU's loss is O(c²/D), the NLL-based ones O(10)).
+    ``frozen``: decoder-layer indices and/or parameter-name substrings kept
+    fixed.  Since ``None`` means "default", a negative ``target_forget_acc``
+    turns early stopping off and a large ``max_steps`` lifts the step cap.
+    ``scale`` (``tiny``/``paper``) picks the defaults; ``None``: by parameter count.
     """
 
     method: str = "gd"
@@ -387,11 +391,20 @@ def unlearn(
         eval_at_start=before is None,
     )
     if before is not None and stop(before):
-        history: list[dict[str, Any]] = [{"step": 0, "epoch": 0, **before}]
         return UnlearnResult(
-            method.name, "stopped_early", rcfg.to_dict(), before, before, history, 0, 0, 0.0,
-            "forget accuracy already at target", {}, prep.forget_source, prep.retain.source,
-        )  # fmt: skip
+            method=method.name,
+            status="stopped_early",
+            config=rcfg.to_dict(),
+            before=before,
+            after=before,
+            history=[{"step": 0, "epoch": 0, **before}],
+            steps=0,
+            epochs_run=0,
+            wall_time=0.0,
+            message="forget accuracy already at target",
+            forget_source=prep.forget_source,
+            retain_source=prep.retain.source,
+        )
     batches = paired_batches(
         prep.forget_seqs, prep.retain_seqs, rcfg.batch_size, tokenizer.pad_token_id, rcfg.seed
     )
@@ -411,7 +424,7 @@ def unlearn(
         before = {k: v for k, v in history[0].items() if k not in ("step", "epoch")}
     else:
         history.insert(0, {"step": 0, "epoch": 0, **before})
-    if history and history[-1]["step"] == result.steps and result.steps > 0:
+    if history[-1]["step"] == result.steps:  # the last evaluation saw the final weights
         after = {k: v for k, v in history[-1].items() if k not in ("step", "epoch")}
     else:
         after = evaluate_unlearning(model, tokenizer, prep)
@@ -511,7 +524,8 @@ def sweep(
     point's weights, or its original weights when nothing qualified.
     """
     method = get_method(base_cfg.method)
-    grid = dict(method.grid if grid is None else grid)
+    scale = base_cfg.scale or model_scale(model)
+    grid = dict(method.grid.get(scale) or method.grid["tiny"]) if grid is None else dict(grid)
     points = expand_grid(grid)
     t0 = time.perf_counter()
     start = snapshot_state(model)

@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 
 from rtteval.methods import register
-from rtteval.methods.base import Method, Trainable, UnlearnContext, forward_logits
+from rtteval.methods.base import (
+    PAPER_TRAIN,
+    TINY_TRAIN,
+    Method,
+    Trainable,
+    UnlearnContext,
+    forward_logits,
+)
 from rtteval.methods.losses import npo_loss, sequence_logprobs
 from rtteval.train import LossFn, nll_loss
 
@@ -23,14 +30,13 @@ class NPO(Method):
     needs_reference = True
     hparam_names = ("beta", "retain_coef")
     defaults = {
-        "tiny": dict(
-            lr=1e-3, optimizer="adamw", epochs=20, target_forget_acc=0.3, beta=0.1, retain_coef=1.0
-        ),
-        "paper": dict(
-            lr=1e-5, optimizer="adamw", epochs=3, target_forget_acc=0.3, beta=0.1, retain_coef=1.0
-        ),
+        "tiny": TINY_TRAIN | dict(lr=3e-4, beta=0.1, retain_coef=1.0),
+        "paper": PAPER_TRAIN | dict(lr=1e-5, optimizer="adamw", beta=0.1, retain_coef=1.0),
     }
-    grid = {"lr": [3e-4, 1e-3, 3e-3], "beta": [0.05, 0.1, 0.5]}
+    grid = {
+        "tiny": {"lr": [1e-4, 3e-4, 1e-3], "beta": [0.1, 0.5]},
+        "paper": {"lr": [5e-6, 1e-5, 2e-5], "beta": [0.1, 0.5]},
+    }
 
     def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
         if ctx.reference is None:

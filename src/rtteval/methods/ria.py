@@ -9,7 +9,14 @@ one to learn; accuracy falls to about chance or below.
 from __future__ import annotations
 
 from rtteval.methods import register
-from rtteval.methods.base import Method, Trainable, UnlearnContext, nll_pair
+from rtteval.methods.base import (
+    PAPER_TRAIN,
+    TINY_TRAIN,
+    Method,
+    Trainable,
+    UnlearnContext,
+    nll_pair,
+)
 from rtteval.methods.losses import relearn_with_retain
 from rtteval.train import LossFn
 
@@ -19,10 +26,13 @@ class RandomIncorrectAnswer(Method):
     corpus = "wrong_corpus"
     hparam_names = ("retain_coef",)
     defaults = {
-        "tiny": dict(lr=1e-3, optimizer="adamw", epochs=20, target_forget_acc=0.3, retain_coef=1.0),
-        "paper": dict(lr=4e-7, optimizer="lion", epochs=3, target_forget_acc=0.3, retain_coef=1.0),
+        "tiny": TINY_TRAIN | dict(lr=3e-4, retain_coef=1.0),
+        "paper": PAPER_TRAIN | dict(lr=4e-7, retain_coef=1.0),
     }
-    grid = {"lr": [3e-4, 1e-3, 3e-3], "retain_coef": [0.5, 1.0, 2.0]}
+    grid = {
+        "tiny": {"lr": [3e-4, 1e-3, 3e-3], "retain_coef": [1.0, 3.0]},
+        "paper": {"lr": [1e-7, 4e-7, 1.6e-6], "retain_coef": [1.0, 4.0]},
+    }
 
     def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
         lam = float(ctx.hparams["retain_coef"])

@@ -21,6 +21,8 @@ import torch
 from rtteval.errors import ConfigError
 from rtteval.methods import register
 from rtteval.methods.base import (
+    PAPER_TRAIN,
+    TINY_TRAIN,
     Method,
     Trainable,
     UnlearnContext,
@@ -72,23 +74,22 @@ class RMU(Method):
     needs_reference = True
     hparam_names = ("layer", "param_layers", "modules", "steering_coef", "steering_rel", "alpha")
     defaults = {
-        "tiny": dict(
-            lr=1e-3,
-            optimizer="adamw",
-            epochs=20,
-            target_forget_acc=0.3,
+        "tiny": TINY_TRAIN
+        | dict(
+            lr=3e-3,
+            target_forget_acc=0.35,
             layer=None,
             param_layers=None,
             modules="mlp.down_proj",
             steering_coef=None,
             steering_rel=4.0,
-            alpha=100.0,
+            alpha=1.0,
         ),
-        "paper": dict(
+        "paper": PAPER_TRAIN
+        | dict(
             lr=5e-5,
             optimizer="adamw",
             epochs=1,
-            target_forget_acc=0.3,
             layer=7,
             param_layers=None,
             modules="mlp.down_proj",
@@ -97,7 +98,10 @@ class RMU(Method):
             alpha=1200.0,
         ),
     }
-    grid = {"lr": [3e-4, 1e-3, 3e-3], "steering_coef": [10.0, 20.0, 40.0], "alpha": [100.0, 1000.0]}
+    grid = {
+        "tiny": {"lr": [1e-3, 3e-3], "alpha": [1.0, 2.0], "steering_rel": [2.0, 4.0]},
+        "paper": {"alpha": [100.0, 1200.0], "steering_coef": [6.5, 20.0]},
+    }
 
     @staticmethod
     def resolve_layers(hparams: dict, n_layers: int) -> tuple[int, list[int]]:

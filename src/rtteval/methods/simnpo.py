@@ -8,7 +8,14 @@ bias toward long passages, and needing no reference model halves memory.
 from __future__ import annotations
 
 from rtteval.methods import register
-from rtteval.methods.base import Method, Trainable, UnlearnContext, forward_logits
+from rtteval.methods.base import (
+    PAPER_TRAIN,
+    TINY_TRAIN,
+    Method,
+    Trainable,
+    UnlearnContext,
+    forward_logits,
+)
 from rtteval.methods.losses import sequence_logprobs, simnpo_loss
 from rtteval.train import LossFn, nll_loss
 
@@ -18,26 +25,14 @@ class SimNPO(Method):
     corpus = "corpus"
     hparam_names = ("beta", "delta", "retain_coef")
     defaults = {
-        "tiny": dict(
-            lr=1e-3,
-            optimizer="adamw",
-            epochs=20,
-            target_forget_acc=0.3,
-            beta=2.5,
-            delta=0.0,
-            retain_coef=1.0,
-        ),
-        "paper": dict(
-            lr=1e-5,
-            optimizer="adamw",
-            epochs=3,
-            target_forget_acc=0.3,
-            beta=2.5,
-            delta=0.0,
-            retain_coef=1.0,
-        ),
+        "tiny": TINY_TRAIN | dict(lr=3e-3, beta=1.0, delta=0.0, retain_coef=1.0),
+        "paper": PAPER_TRAIN
+        | dict(lr=1e-5, optimizer="adamw", beta=2.5, delta=0.0, retain_coef=1.0),
     }
-    grid = {"lr": [3e-4, 1e-3, 3e-3], "beta": [1.0, 2.5, 5.0]}
+    grid = {
+        "tiny": {"lr": [1e-3, 3e-3], "beta": [0.5, 1.0, 2.5]},
+        "paper": {"lr": [5e-6, 1e-5, 2e-5], "beta": [2.5]},
+    }
 
     def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
         beta, delta = float(ctx.hparams["beta"]), float(ctx.hparams["delta"])
