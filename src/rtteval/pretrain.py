@@ -79,6 +79,18 @@ def pretraining_passages(dataset: Dataset, exclude_forget: bool) -> list[Passage
     return [p for n in names for p in dataset.corpus[n]]
 
 
+def _fact_evaluator(tokenizer, forget_q, retain_q, scoring: ScoringConfig):
+    """Forget and (held-out) retain accuracy: what pretraining and fine-tuning stop on."""
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        row = {"forget_acc": evaluate_mcq(m, tokenizer, forget_q, scoring).accuracy}
+        if retain_q:
+            row["retain_acc"] = evaluate_mcq(m, tokenizer, retain_q, scoring).accuracy
+        return row
+
+    return evaluate
+
+
 def _epoch_texts(passages: list[Passage], epoch: int) -> list[str]:
     """Passages for one epoch: a biography with a ``variant`` is shown only in its epoch slot."""
     n_var = 1 + max((int(p.extra.get("variant", 0)) for p in passages), default=0)
@@ -125,11 +137,7 @@ def pretrain(
             cache[key], cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed * 100003 + epoch
         )
 
-    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
-        row = {"forget_acc": evaluate_mcq(m, tokenizer, forget_q, scoring).accuracy}
-        if retain_q:
-            row["retain_acc"] = evaluate_mcq(m, tokenizer, retain_q, scoring).accuracy
-        return row
+    evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
 
     def stop(row: dict[str, Any]) -> bool:
         keys = ["retain_acc"] if cfg.exclude_forget else ["forget_acc", "retain_acc"]
@@ -230,11 +238,7 @@ def finetune_forget_facts(
         seqs = forget_ids + r.sample(replay_ids, n_replay)
         return make_batches(seqs, cfg.batch_size, tokenizer.pad_token_id, seed=rng.randrange(2**31))
 
-    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
-        row = {"forget_acc": evaluate_mcq(m, tokenizer, forget_q, scoring).accuracy}
-        if retain_q:
-            row["retain_acc"] = evaluate_mcq(m, tokenizer, retain_q, scoring).accuracy
-        return row
+    evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
 
     def stop(row: dict[str, Any]) -> bool:
         return all(v >= cfg.target_accuracy for k, v in row.items() if k.endswith("_acc"))
