@@ -64,3 +64,23 @@ def test_finetune_regime_teaches_forget_facts_to_the_control(pretrained_tiny, tm
     assert m["before"]["forget_acc"] <= 0.5
     assert m["forget_acc"] >= 0.8, m
     assert m["retain_acc"] >= 0.8, m
+
+
+def test_finetune_cli(pretrained_tiny, tmp_path, cli):
+    r = cli(
+        "finetune",
+        "--model",
+        pretrained_tiny["control"],
+        "--world",
+        pretrained_tiny["world"],
+        "--out",
+        tmp_path / "ft",
+        "--lr",
+        "3e-3",
+        "--max-epochs",
+        "40",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["kind"] == "finetuned" and out["forget_acc"] > out["before"]["forget_acc"] + 0.3
+    assert (tmp_path / "ft" / "model.safetensors").is_file()

@@ -102,6 +102,33 @@ def pretrain(
     )
 
 
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Option(help="base model dir (normally the never-learned control)")],
+    world: Annotated[str, typer.Option(help="world (dataset) directory")],
+    out: Annotated[Path, typer.Option(help="output model directory")],
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    max_epochs: Annotated[int, typer.Option()] = 80,
+    replay_ratio: Annotated[
+        float, typer.Option(help="retain passages replayed per forget passage")
+    ] = 0.5,
+    target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
+    from rtteval.pretrain import FinetuneConfig, finetune_forget_facts
+
+    cfg = FinetuneConfig(
+        lr=lr, max_epochs=max_epochs, replay_ratio=replay_ratio, target_accuracy=target, seed=seed
+    )
+    m = finetune_forget_facts(model, world, out, cfg)
+    print(
+        json.dumps(
+            {k: m[k] for k in ("kind", "before", "forget_acc", "retain_acc", "reached_target")}
+        )
+    )
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option(help="hub id or local model directory")],
