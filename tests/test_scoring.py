@@ -104,3 +104,15 @@ def test_continuation_split_matches_whole_encoding(setup):
     ctx, cont = continuation_ids(tok, f"Q: {qs[0].question} A:", " " + qs[0].choices[0])
     assert tok.convert_ids_to_tokens(cont) == [qs[0].choices[0]]
     assert tok.convert_ids_to_tokens(ctx)[0] == "<s>"
+
+
+def test_single_pass_likelihood_equals_the_general_path(setup):
+    from rtteval.scoring import score_likelihood, single_token_items
+
+    qs, _, tok, model = setup
+    for side in ("left", "right"):
+        cfg = ScoringConfig(mode="likelihood", batch_size=5, padding_side=side)
+        assert single_token_items(tok, qs, cfg) is not None  # years are single tokens here
+        fast = score_likelihood(model, tok, qs, cfg)
+        slow = score_likelihood(model, tok, qs, cfg, allow_single_pass=False)
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

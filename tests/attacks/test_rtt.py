@@ -281,9 +281,7 @@ def test_evaluator_matches_evaluate_mcq(world: Dataset, fresh, mode: str):
     sc = scoring_for(world, batch_size=5)
     sc = ScoringConfig(mode=mode, likelihood_prompt=sc.likelihood_prompt, batch_size=5)
     groups = {"v": world.splits["split_0"], "r": world.retain["retain_eval"]}
-    ev = _Evaluator(tok, sc, groups)
-    assert (ev.fast["v"] is not None) == (mode == "likelihood")
-    got = ev(model, ["v", "r"])
+    got = _Evaluator(tok, sc, groups)(model, ["v", "r"])
     for k, qs in groups.items():
         assert got[k] == evaluate_mcq(model, tok, qs, sc).correct
 

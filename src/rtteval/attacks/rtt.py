@@ -690,18 +690,14 @@ def _encode_items(
 
 
 class _Evaluator:
-    """Per-question correctness for named question groups, as cheaply as scoring allows.
+    """Per-question correctness for named question groups.
 
     Groups requested together are scored in one batched pass (fewer, fuller
     batches), except under calibrated scoring, which subtracts a per-set mean
-    and so must see each set alone.  Under likelihood scoring where every
-    choice is a single token after a shared prompt (the world's years with a
-    word-level tokenizer), one forward pass per *question* gives all of its
-    choices' log-probabilities — the same numbers as
-    :func:`rtteval.scoring.score_likelihood`, which runs one pass per
-    *choice* — a 4x saving that matters because RTT evaluates after every
-    epoch of every run.  Anything else falls back to
-    :func:`rtteval.scoring.evaluate_mcq`.
+    and so must see each set alone.  Scoring itself is
+    :func:`rtteval.scoring.evaluate_mcq` (with its one-pass-per-question path
+    for single-token choices, which matters because RTT evaluates after every
+    epoch of every run).
     """
 
     def __init__(
@@ -709,86 +705,22 @@ class _Evaluator:
         tokenizer: PreTrainedTokenizerBase,
         scoring: ScoringConfig,
         groups: dict[str, Sequence[MCQ]],
-        reuse: _Evaluator | None = None,
     ):
         self.tokenizer = tokenizer
         self.scoring = scoring
         self.groups = {k: list(v) for k, v in groups.items()}
-        self.fast: dict[str, tuple[list[list[int]], list[list[int]]] | None] = {}
-        for k, v in self.groups.items():
-            if reuse is not None and k in reuse.groups and reuse.groups[k] == v:
-                self.fast[k] = reuse.fast[k]  # e.g. the retain set, tokenized once per model
-            else:
-                self.fast[k] = self._prepare_fast(v)
-
-    def _prepare_fast(self, qs: list[MCQ]) -> tuple[list[list[int]], list[list[int]]] | None:
-        if self.scoring.mode != "likelihood" or not qs:
-            return None
-        ctxs, conts = [], []
-        for q in qs:
-            prompt = self.scoring.likelihood_prompt.format(question=q.question)
-            ctx0: list[int] | None = None
-            ids = []
-            for c in q.choices:
-                ctx, cont = continuation_ids(self.tokenizer, prompt, " " + c)
-                if len(cont) != 1 or (ctx0 is not None and ctx != ctx0):
-                    return None
-                ctx0 = ctx
-                ids.append(cont[0])
-            ctxs.append(ctx0 or [])
-            conts.append(ids)
-        if len({len(c) for c in conts}) != 1:
-            return None
-        return ctxs, conts
-
-    @torch.no_grad()
-    def _fast_correct(
-        self, model: torch.nn.Module, ctxs: list[list[int]], conts: list[list[int]], qs: list[MCQ]
-    ) -> list[bool]:
-        from rtteval.scoring import forward_logits
-
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        bs = max(1, self.scoring.batch_size * len(conts[0]))
-        preds: list[int] = []
-        for start in range(0, len(ctxs), bs):
-            chunk = ctxs[start : start + bs]
-            width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, c in enumerate(chunk):  # left padding: the last position is the prompt's end
-                ids[i, width - len(c) :] = torch.tensor(c)
-                mask[i, width - len(c) :] = 1
-            logp = torch.log_softmax(forward_logits(model, ids, mask)[:, -1, :], dim=-1).cpu()
-            cont = torch.tensor(conts[start : start + bs], dtype=torch.long)
-            preds += logp.gather(1, cont).argmax(dim=-1).tolist()
-        return [p == q.answer for p, q in zip(preds, qs, strict=True)]
 
     def __call__(self, model: torch.nn.Module, names: Sequence[str]) -> dict[str, list[bool]]:
         names = [n for n in names if self.groups.get(n)]
         if not names:
             return {}
-        was_training = model.training
-        model.eval()
-        try:
-            if all(self.fast[n] is not None for n in names):
-                ctxs = [c for n in names for c in self.fast[n][0]]  # type: ignore[index]
-                conts = [c for n in names for c in self.fast[n][1]]  # type: ignore[index]
-                allq = [q for n in names for q in self.groups[n]]
-                if len({len(c) for c in conts}) == 1:
-                    return self._split(names, self._fast_correct(model, ctxs, conts, allq))
-            if self.scoring.mode == "calibrated":
-                return {
-                    n: evaluate_mcq(model, self.tokenizer, self.groups[n], self.scoring).correct
-                    for n in names
-                }
-            allq = [q for n in names for q in self.groups[n]]
-            return self._split(
-                names, evaluate_mcq(model, self.tokenizer, allq, self.scoring).correct
-            )
-        finally:
-            model.train(was_training)
-
-    def _split(self, names: Sequence[str], correct: list[bool]) -> dict[str, list[bool]]:
+        if self.scoring.mode == "calibrated":
+            return {
+                n: evaluate_mcq(model, self.tokenizer, self.groups[n], self.scoring).correct
+                for n in names
+            }
+        allq = [q for n in names for q in self.groups[n]]
+        correct = evaluate_mcq(model, self.tokenizer, allq, self.scoring).correct
         out, i = {}, 0
         for n in names:
             k = len(self.groups[n])
@@ -854,9 +786,7 @@ def attack_model(
             v_qs = dataset.splits[fold.v]
             seqs, masks = _encode_items(tokenizer, fold.items)
             restore_state(model, snapshot)  # "before" is the model as given, not after a run
-            ev = _Evaluator(
-                tokenizer, scoring, {"v": v_qs, "h": fold.holdout, "r": retain_q}, reuse=retain_ev
-            )
+            ev = _Evaluator(tokenizer, scoring, {"v": v_qs, "h": fold.holdout, "r": retain_q})
             groups0 = ev(model, ["v", "h"])
             before = EpochEval(
                 0,
