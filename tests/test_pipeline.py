@@ -24,7 +24,7 @@ def test_demo_config_is_packaged_and_shipped():
     assert shipped.read_text() == path.read_text()
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, cli):
     out = tmp_path / "demo"
     results = run_demo(out, overrides=SMALL, say=lambda s: None)
     by_method = {e["method"]: e for e in results["summary"]}
@@ -49,3 +49,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
         e["unlearned_rtt"] for e in results["summary"]
     ]
     assert json.loads((out / "results.json").read_text())["summary"]
+    # the CLI on the finished study: both tables, nothing recomputed
+    r = cli("demo", "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "control (never learned)" in r.stdout and "unlearned: rmu" in r.stdout
+    assert "RTT summary" in r.stdout

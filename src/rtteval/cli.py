@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from rtteval.cli_attack import attack_cmd, report_cmd
 from rtteval.cli_run import run_cmd, status_cmd
@@ -173,11 +174,44 @@ def demo(
     from rtteval.report import summary_table
 
     results = run_demo(out, overrides=list(overrides or []), say=console.print)
-    Console(width=max(140, Console().width)).print(summary_table(results))
+    screen = Console(width=max(140, Console().width))
+    screen.print(_models_table(results))
+    screen.print(summary_table(results))
     wall = results.get("meta", {}).get("demo_wall_time", 0.0)
     Console().print(
         f"report: {Path(out) / 'report.md'}  plots: {Path(out) / 'fig_recovery.png'}  ({wall:.0f} s)"
     )
+
+
+def _models_table(results: dict) -> Table:
+    """Likelihood accuracy of every model before RTT: forget (all splits) and held-out retain."""
+    t = Table(
+        title="Models before RTT (forget = all forget splits, retain = held-out retain facts)"
+    )
+    for c in ("dataset", "model", "forget acc", "retain acc"):
+        t.add_column(c, justify="left" if c in ("dataset", "model") else "right")
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    seen: set[str] = set()
+    for e in results["summary"]:
+        if e["dataset"] not in seen:
+            seen.add(e["dataset"])
+            t.add_row(e["dataset"], "original", fmt(e["original"]), fmt(e.get("retain_original")))
+            t.add_row(
+                e["dataset"],
+                "control (never learned)",
+                fmt(e.get("control")),
+                fmt(e.get("retain_control")),
+            )
+        t.add_row(
+            e["dataset"],
+            f"unlearned: {e['method']}",
+            fmt(e["unlearned"]),
+            fmt(e.get("retain_unlearned")),
+        )
+    return t
 
 
 def main() -> None:
