@@ -255,18 +255,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
 # --------------------------------------------------------------------------- losses
 
 
+def batch_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits of a padded training batch (every loss goes through here)."""
+    from rtteval.scoring import forward_logits
+
+    return forward_logits(model, batch["input_ids"], batch["attention_mask"])
+
+
 def nll_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token NLL over label positions, with mask-derived position ids."""
-    from rtteval.scoring import position_ids_from_mask
-
-    mask = batch["attention_mask"]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :].float()
+    logits = batch_logits(model, batch)[:, :-1, :]
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100

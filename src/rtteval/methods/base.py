@@ -21,8 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rtteval.data import Dataset
 from rtteval.errors import ConfigError
-from rtteval.scoring import position_ids_from_mask
-from rtteval.train import Batch, LossFn, nll_loss
+from rtteval.train import Batch, LossFn, batch_logits, nll_loss
 
 Trainable = Callable[[str], bool] | None
 
@@ -108,16 +107,8 @@ class Method:
 # --------------------------------------------------------------------------- forward helpers
 
 
-def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits of a right-padded batch, with mask-derived position ids."""
-    mask = batch["attention_mask"]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        use_cache=False,
-    )
-    return out.logits
+#: Logits of a right-padded batch, with mask-derived position ids (the loop's own helper).
+forward_logits = batch_logits
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
