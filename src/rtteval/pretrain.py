@@ -7,7 +7,6 @@ that "never learned + RTT" is a fair floor for the attack.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,7 +154,40 @@ def pretrain(
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
     )
-    label = "pretrain control" if cfg.exclude_forget else "pretrain"
+    return _learn_and_save(
+        model,
+        tokenizer,
+        batches,
+        tcfg,
+        evaluate,
+        stop,
+        label="pretrain control" if cfg.exclude_forget else "pretrain",
+        progress=progress,
+        out_dir=out_dir,
+        metrics={
+            "kind": "control" if cfg.exclude_forget else "original",
+            "data": str(Path(data_dir)),
+            "config": asdict(cfg),
+            "n_params": n_params(model),
+            "n_passages": len(passages),
+        },
+    )
+
+
+def _learn_and_save(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batches: Any,
+    tcfg: TrainConfig,
+    evaluate: Any,
+    stop: Any,
+    *,
+    label: str,
+    progress: bool,
+    out_dir: str | Path,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Train until the facts are known, save the model and its ``pretrain.json``."""
     result = train(
         model,
         batches,
@@ -169,11 +201,7 @@ def pretrain(
     out = Path(out_dir)
     save_model(model, tokenizer, out)
     metrics = {
-        "kind": "control" if cfg.exclude_forget else "original",
-        "data": str(Path(data_dir)),
-        "config": asdict(cfg),
-        "n_params": n_params(model),
-        "n_passages": len(passages),
+        **metrics,
         "forget_acc": final.get("forget_acc"),
         "retain_acc": final.get("retain_acc"),
         "reached_target": result.status == "stopped_early",
@@ -181,10 +209,6 @@ def pretrain(
     }
     write_json_atomic(out / "pretrain.json", metrics)
     return metrics
-
-
-def load_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
 
 
 @dataclass
@@ -251,28 +275,21 @@ def finetune_forget_facts(
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
     )
-    result = train(
+    return _learn_and_save(
         model,
+        tokenizer,
         batches,
-        lm_loss_fn,
         tcfg,
-        evaluate=evaluate,
-        stop=stop,
-        progress="fine-tune forget facts" if progress else None,
+        evaluate,
+        stop,
+        label="fine-tune forget facts",
+        progress=progress,
+        out_dir=out_dir,
+        metrics={
+            "kind": "finetuned",
+            "base": str(base_dir),
+            "data": str(data_dir),
+            "config": asdict(cfg),
+            "before": before,
+        },
     )
-    final = result.history[-1] if result.history else evaluate(model)
-    out = Path(out_dir)
-    save_model(model, tokenizer, out)
-    metrics = {
-        "kind": "finetuned",
-        "base": str(base_dir),
-        "data": str(data_dir),
-        "config": asdict(cfg),
-        "before": before,
-        "forget_acc": final.get("forget_acc"),
-        "retain_acc": final.get("retain_acc"),
-        "reached_target": result.status == "stopped_early",
-        "train": result.to_dict(),
-    }
-    write_json_atomic(out / "pretrain.json", metrics)
-    return metrics

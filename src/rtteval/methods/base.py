@@ -191,3 +191,28 @@ def nll_pair(model: torch.nn.Module, batch: Batch) -> NllParts:
     f = nll_loss(model, batch["forget"])
     r = nll_loss(model, batch["retain"])
     return NllParts(f, r, {"forget_nll": float(f.detach()), "retain_nll": float(r.detach())})
+
+
+class NllPairMethod(Method):
+    """Methods whose loss combines the NLL of a forget-side corpus with the retain NLL.
+
+    GD ascends the forget NLL, RIA and FWF descend the NLL of wrong-answer
+    prose; they differ only in ``corpus``, ``combine`` and defaults.
+    """
+
+    hparam_names = ("retain_coef",)
+    combine: ClassVar[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]]
+    grid = {
+        "tiny": {"lr": [3e-4, 1e-3, 3e-3], "retain_coef": [1.0, 3.0]},
+        "paper": {"lr": [1e-7, 4e-7, 1.6e-6], "retain_coef": [1.0, 4.0]},
+    }
+
+    def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
+        lam = float(ctx.hparams["retain_coef"])
+        combine = self.combine
+
+        def loss_fn(model, batch):
+            parts = nll_pair(model, batch)
+            return combine(parts.forget, parts.retain, lam), parts.logs
+
+        return loss_fn, None

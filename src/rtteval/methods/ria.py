@@ -9,36 +9,15 @@ one to learn; accuracy falls to about chance or below.
 from __future__ import annotations
 
 from rtteval.methods import register
-from rtteval.methods.base import (
-    PAPER_TRAIN,
-    TINY_TRAIN,
-    Method,
-    Trainable,
-    UnlearnContext,
-    nll_pair,
-)
+from rtteval.methods.base import PAPER_TRAIN, TINY_TRAIN, NllPairMethod
 from rtteval.methods.losses import relearn_with_retain
-from rtteval.train import LossFn
 
 
 @register("ria")
-class RandomIncorrectAnswer(Method):
+class RandomIncorrectAnswer(NllPairMethod):
     corpus = "wrong_corpus"
-    hparam_names = ("retain_coef",)
+    combine = staticmethod(relearn_with_retain)
     defaults = {
         "tiny": TINY_TRAIN | dict(lr=3e-4, retain_coef=1.0),
         "paper": PAPER_TRAIN | dict(lr=4e-7, retain_coef=1.0),
     }
-    grid = {
-        "tiny": {"lr": [3e-4, 1e-3, 3e-3], "retain_coef": [1.0, 3.0]},
-        "paper": {"lr": [1e-7, 4e-7, 1.6e-6], "retain_coef": [1.0, 4.0]},
-    }
-
-    def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
-        lam = float(ctx.hparams["retain_coef"])
-
-        def loss_fn(model, batch):
-            parts = nll_pair(model, batch)
-            return relearn_with_retain(parts.forget, parts.retain, lam), parts.logs
-
-        return loss_fn, None
