@@ -80,6 +80,10 @@ class RTTConfig:
       ``error``.
     * ``retain_eval``: evaluate retain questions after every epoch, only at
       the end of each run, or never.
+    * ``train_splits``: how many splits form T (``None``: all splits but V).
+      With k, fold V = split i trains on the k splits after it, cyclically,
+      so every split is in T equally often; used to measure how recovery
+      grows with the amount of retraining data.
     """
 
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
@@ -94,6 +98,7 @@ class RTTConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     warmup_steps: int = 0
+    train_splits: int | None = None
     seed: int = 0
 
     @classmethod
@@ -133,6 +138,8 @@ class RTTConfig:
             raise ConfigError("overlap must be drop or error", field="overlap")
         if self.retain_eval not in ("epoch", "end", "none"):
             raise ConfigError("retain_eval must be epoch, end or none", field="retain_eval")
+        if self.train_splits is not None and self.train_splits < 1:
+            raise ConfigError("train_splits must be >= 1 (or None: all)", field="train_splits")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,10 +269,21 @@ def build_folds(dataset: Dataset, cfg: RTTConfig | None = None) -> list[Fold]:
     unknown = [v for v in vs if v not in dataset.splits]
     if unknown:
         raise ConfigError(f"unknown fold(s) {unknown}; forget splits are {names}", field="folds")
+    k = cfg.train_splits
+    if k is not None and k > len(names) - 1:
+        raise ConfigError(
+            f"train_splits={k}, but with {len(names)} forget splits T has at most "
+            f"{len(names) - 1}",
+            field="train_splits",
+        )
     loss = resolve_loss(dataset, cfg)
     folds = []
     for v in vs:
         t_names = [n for n in names if n != v]
+        if k is not None:
+            i = names.index(v)
+            chosen = {names[(i + j) % len(names)] for j in range(1, k + 1)}
+            t_names = [n for n in names if n in chosen]  # split order, as with k=None
         v_texts = {q.question for q in dataset.splits[v]}
         # T's questions, minus any whose text is also a V question
         t_qs: list[tuple[str, MCQ]] = []
