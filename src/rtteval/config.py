@@ -140,7 +140,17 @@ class WorldData(_Strict):
 
     preset: str = "small"
     seed: int = 0
+    vary_with_seed: bool = False
     overrides: dict[str, Any] = {}
+
+    def seed_for(self, study_seed: int) -> int:
+        """The world's seed under study seed ``study_seed``.
+
+        ``vary_with_seed`` makes every study seed a new world (``seed`` +
+        study seed): then seeds vary the facts as well as training, which
+        is what a claim about "facts learned in pretraining" needs.
+        """
+        return self.seed + study_seed if self.vary_with_seed else self.seed
 
     @model_validator(mode="after")
     def _valid(self) -> WorldData:
@@ -170,7 +180,13 @@ class DatasetSpec(_Strict):
     against the data.  ``finetune_first`` fine-tunes the model on this
     dataset's facts before unlearning (the paper's Random Birthdays: the
     facts are new to Llama-3-8B, so it must learn them first); the base
-    model is then the never-learned control.
+    model is then the never-learned control.  With ``model.tiny`` the base
+    is the tiny control pretrained on the world without the forget facts,
+    which are then fine-tuned in: the same facts as the pretrained regime,
+    learned in a later phase.  ``t_sizes`` adds smaller retraining sets:
+    for each k every model is attacked again with T = k splits (reported
+    as dataset ``"<name> |T|=k"``), to see how recovery grows with the
+    amount of RTT data.
     """
 
     name: str | None = None
@@ -179,6 +195,7 @@ class DatasetSpec(_Strict):
     retain: str | None = None
     splits: list[str] | None = None
     finetune_first: bool = False
+    t_sizes: list[Annotated[int, Field(ge=1)]] = []
 
     @model_validator(mode="after")
     def _one(self) -> DatasetSpec:
@@ -196,13 +213,34 @@ class DatasetSpec(_Strict):
 
 
 class FinetuneSpec(_Strict):
-    """Fine-tune-first stage (``datasets[].finetune_first``): LM loss on the dataset's facts."""
+    """Fine-tune-first stage (``datasets[].finetune_first``): LM loss on the dataset's facts.
 
-    lr: float = Field(1e-5, gt=0)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
-    optimizer: Literal["adamw", "lion"] = "adamw"
+    Unset fields take :class:`rtteval.pretrain.FinetuneConfig`'s defaults for
+    the model kind: the tiny-model defaults with ``model.tiny``,
+    ``FinetuneConfig.paper()`` with ``model.hf``.
+    """
+
+    lr: float | None = Field(None, gt=0)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    optimizer: Literal["adamw", "lion"] | None = None
     target_accuracy: float | None = Field(None, gt=0, le=1)
+    replay_ratio: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+    def resolved(self, *, tiny: bool) -> dict[str, Any]:
+        """The full FinetuneConfig (minus seed) as a dict: what the job runs, and its key."""
+        from dataclasses import asdict
+
+        from rtteval.pretrain import FinetuneConfig
+
+        base = FinetuneConfig() if tiny else FinetuneConfig.paper()
+        for k, v in self.model_dump().items():
+            if v is not None:
+                setattr(base, "max_epochs" if k == "epochs" else k, v)
+        d = asdict(base)
+        d.pop("seed")
+        return d
 
 
 # --------------------------------------------------------------------------- methods
@@ -311,7 +349,7 @@ class AttackSpec(_Strict):
             raise ValueError(f"unknown attack {v!r}; known: {', '.join(sorted(ATTACKS))}")
         return v
 
-    def rtt_dict(self, seed: int) -> dict[str, Any]:
+    def rtt_dict(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The resolved :class:`rtteval.attacks.rtt.RTTConfig` as a dict (stored in job keys)."""
         from rtteval.attacks.rtt import RTTConfig
 
@@ -321,6 +359,7 @@ class AttackSpec(_Strict):
             if k not in skip and v is not None:
                 setattr(base, k, v)
         base.seed = seed
+        base.train_splits = train_splits
         base.folds = None
         base.validate()
         return base.to_dict()
@@ -424,8 +463,6 @@ class StudyConfig(_Strict):
                         "a tiny model is pretrained from scratch on a synthetic world, so every "
                         "dataset must be a 'world' (or use model.hf)",
                     )
-                if d.finetune_first:
-                    raise LocatedError(("datasets", i, "finetune_first"), "needs model.hf")
         return self
 
 

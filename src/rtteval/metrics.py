@@ -130,12 +130,21 @@ def _as_2d(x: np.ndarray | Sequence) -> np.ndarray:
 
 
 def _boot_means(
-    a: np.ndarray, q_idx: np.ndarray, rng: np.random.Generator, resample_seeds: bool
+    a: np.ndarray,
+    q_idx: np.ndarray,
+    rng: np.random.Generator,
+    resample_seeds: bool,
+    s_idx: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Mean accuracy per resample: seeds drawn with replacement (if several), questions given."""
+    """Mean accuracy per resample: seeds drawn with replacement (if several), questions given.
+
+    ``s_idx`` ([B, S]) supplies the seed draws, so that two models whose
+    seeds are paired (seed i of both saw the same world) share them.
+    """
     n_seeds = a.shape[0]
     if n_seeds > 1 and resample_seeds:
-        s_idx = rng.integers(0, n_seeds, size=(q_idx.shape[0], n_seeds))
+        if s_idx is None:
+            s_idx = rng.integers(0, n_seeds, size=(q_idx.shape[0], n_seeds))
         # per resample b: mean over drawn seeds of mean over drawn questions
         per_seed_q = a[:, q_idx]  # [S, B, N]
         per_seed = per_seed_q.mean(axis=2)  # [S, B]
@@ -174,6 +183,7 @@ def bootstrap_recovery_ci(
     n_boot: int = N_BOOT,
     level: float = CI_LEVEL,
     seed: int = 0,
+    paired_seeds: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """CIs of recovery and raw ratio, resampling questions jointly for both models.
 
@@ -183,6 +193,9 @@ def bootstrap_recovery_ci(
     with an original-model seed).  Resampling the same question indices for
     numerator and denominator keeps their correlation (a hard question is
     hard for both), which makes the interval honest rather than too wide.
+    With ``paired_seeds`` (one world per seed: row i of both arrays is the
+    same world's questions) the seed draws are shared too, so a resample
+    never divides one world's unlearned accuracy by another world's ceiling.
     The selected hyperparameters are held fixed across resamples.
     """
     u, o = _as_2d(unlearned_rtt), _as_2d(original_rtt)
@@ -190,8 +203,13 @@ def bootstrap_recovery_ci(
         raise ValueError(f"question counts differ: {u.shape[1]} vs {o.shape[1]}")
     rng = np.random.default_rng(seed)
     q_idx = rng.integers(0, u.shape[1], size=(n_boot, u.shape[1]))
-    ub = _boot_means(u, q_idx, rng, True)
-    ob = _boot_means(o, q_idx, rng, True)
+    s_idx = None
+    if paired_seeds:
+        if u.shape[0] != o.shape[0]:
+            raise ValueError(f"paired seeds need equal seed counts: {u.shape[0]} vs {o.shape[0]}")
+        s_idx = rng.integers(0, u.shape[0], size=(n_boot, u.shape[0]))
+    ub = _boot_means(u, q_idx, rng, True, s_idx)
+    ob = _boot_means(o, q_idx, rng, True, s_idx)
     with np.errstate(divide="ignore", invalid="ignore"):
         den = ob - chance
         rec = np.where(den > 0, (ub - chance) / np.where(den > 0, den, 1.0), np.nan)

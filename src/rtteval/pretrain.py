@@ -202,6 +202,7 @@ def _learn_and_save(
     save_model(model, tokenizer, out)
     metrics = {
         **metrics,
+        "status": result.status,
         "forget_acc": final.get("forget_acc"),
         "retain_acc": final.get("retain_acc"),
         "reached_target": result.status == "stopped_early",
@@ -215,9 +216,15 @@ def _learn_and_save(
 class FinetuneConfig:
     """Learning the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime).
 
-    The base model is pretrained without the forget facts; this phase then
-    trains on their corpus, replaying the retain corpus at ``replay_ratio``
-    so that fine-tuning does not erase what pretraining taught.
+    The base model never saw the forget facts (the tiny never-learned
+    control, or a hub model for facts it cannot know); this phase trains on
+    their corpus (or, without one, on the questions written out with their
+    answers), replaying the retain corpus at ``replay_ratio`` so that
+    fine-tuning does not erase what pretraining taught.  It stops when every
+    evaluated accuracy (forget, and held-out retain where the dataset has
+    it) reaches ``target_accuracy`` (``None``: run all ``max_epochs``).
+    Defaults are for the tiny models; :meth:`paper` is a starting point for
+    an 8B model.
     """
 
     lr: float = 1e-3
@@ -225,36 +232,52 @@ class FinetuneConfig:
     max_epochs: int = 80
     warmup_steps: int = 10
     replay_ratio: float = 0.5
-    target_accuracy: float = 0.97
+    target_accuracy: float | None = 0.97
     eval_every_epochs: int = 2
+    optimizer: str = "adamw"
     seed: int = 0
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> FinetuneConfig:
+        """Hub-model defaults: a few epochs at a small lr, no replay, evaluated every epoch."""
+        base: dict[str, Any] = dict(
+            lr=1e-5, batch_size=8, max_epochs=3, warmup_steps=0, replay_ratio=0.0,
+            target_accuracy=None, eval_every_epochs=1,
+        )  # fmt: skip
+        base.update(overrides)
+        return cls(**base)
 
-def finetune_forget_facts(
-    base_dir: str | Path,
-    data_dir: str | Path,
+
+def finetune_facts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Dataset,
     out_dir: str | Path,
     cfg: FinetuneConfig | None = None,
     *,
     progress: bool = True,
+    metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune a model (normally the never-learned control) on the forget facts until known."""
-    from rtteval.models import load_model
+    """Fine-tune ``model`` on ``dataset``'s forget facts until known; save it to ``out_dir``.
+
+    The one fine-tune-first implementation: ``rtteval finetune`` and the
+    runner's ``finetune`` job both call it.  Returns the metrics written to
+    ``out_dir/pretrain.json`` (``before``/after accuracies, ``status``).
+    """
+    from rtteval.scoring import format_mcq
 
     cfg = cfg or FinetuneConfig()
-    dataset = load_dataset(data_dir)
-    model, tokenizer = load_model(
-        base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
-    )
-    forget_texts = [p for n in dataset.splits for p in dataset.corpus.get(n, [])]
-    replay = [p for n in dataset.corpus if n not in dataset.splits for p in dataset.corpus[n]]
+    forget_texts = [p.text for n in dataset.splits for p in dataset.corpus.get(n, [])]
+    if not forget_texts:
+        forget_texts = [format_mcq(q, with_answer=True) for q in dataset.questions()]
+    replay = [p.text for n in dataset.corpus if n not in dataset.splits for p in dataset.corpus[n]]
     rng = random.Random(cfg.seed)
     scoring = scoring_for(dataset)
     forget_q = dataset.questions()
     r_name = retain_eval_name(dataset)
     retain_q = dataset.retain[r_name] if r_name else []
-    forget_ids = encode_texts(tokenizer, [p.text for p in forget_texts])
-    replay_ids = encode_texts(tokenizer, [p.text for p in replay])
+    forget_ids = encode_texts(tokenizer, forget_texts)
+    replay_ids = encode_texts(tokenizer, replay)
     n_replay = min(len(replay_ids), int(round(cfg.replay_ratio * len(forget_ids))))
 
     def batches(epoch: int):
@@ -263,14 +286,16 @@ def finetune_forget_facts(
         return make_batches(seqs, cfg.batch_size, tokenizer.pad_token_id, seed=rng.randrange(2**31))
 
     evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
+    target = cfg.target_accuracy
 
     def stop(row: dict[str, Any]) -> bool:
-        return all(v >= cfg.target_accuracy for k, v in row.items() if k.endswith("_acc"))
+        return target is not None and all(v >= target for k, v in row.items() if k.endswith("_acc"))
 
     before = evaluate(model)
     tcfg = TrainConfig(
         lr=cfg.lr,
         epochs=cfg.max_epochs,
+        optimizer=cfg.optimizer,  # type: ignore[arg-type]
         warmup_steps=cfg.warmup_steps,
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
@@ -285,11 +310,25 @@ def finetune_forget_facts(
         label="fine-tune forget facts",
         progress=progress,
         out_dir=out_dir,
-        metrics={
-            "kind": "finetuned",
-            "base": str(base_dir),
-            "data": str(data_dir),
-            "config": asdict(cfg),
-            "before": before,
-        },
+        metrics={**(metrics or {}), "kind": "finetuned", "config": asdict(cfg), "before": before},
     )
+
+
+def finetune_forget_facts(
+    base_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`finetune_facts` on a model and dataset read from disk (``rtteval finetune``)."""
+    from rtteval.models import load_model
+
+    model, tokenizer = load_model(
+        base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
+    )
+    return finetune_facts(
+        model, tokenizer, load_dataset(data_dir), out_dir, cfg, progress=progress,
+        metrics={"base": str(base_dir), "data": str(data_dir)},
+    )  # fmt: skip

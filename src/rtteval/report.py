@@ -138,23 +138,41 @@ def _retain_before(attacks: list[ModelAttack]) -> float | None:
     return float(np.mean(rs)) if rs else None
 
 
-def _check_aligned(groups: Mapping[str, list[ModelAttack]]) -> tuple[list[str], list[int]]:
-    """Every attack must cover the same folds and V questions in the same order (the bootstrap pairs them)."""
-    ref: ModelAttack | None = None
-    for name, atts in groups.items():
-        for a in atts:
-            if ref is None:
-                ref = a
-                continue
-            if [f.v for f in a.folds] != [
-                f.v for f in ref.folds
-            ] or a.question_ids != ref.question_ids:
-                raise ValueError(
-                    f"attack {name!r} ({a.label}) covers different folds/questions than "
-                    f"{ref.label}: {[f.v for f in a.folds]} vs {[f.v for f in ref.folds]}"
-                )
-    assert ref is not None
-    return [f.v for f in ref.folds], [len(f.question_ids) for f in ref.folds]
+def _check_aligned(groups: Mapping[str, list[ModelAttack]]) -> tuple[list[str], list[int], bool]:
+    """Fold names, fold sizes, and whether seeds are paired (the bootstrap pairs questions).
+
+    Every attack must cover the same folds.  Either every attack scores the
+    same V questions in the same order (seeds vary training only), or every
+    role has the same number of seeds and the i-th attacks of all roles
+    share their questions (one world per seed): then seeds are *paired*.
+    """
+    atts_all = [(name, a) for name, atts in groups.items() for a in atts]
+    ref = atts_all[0][1]
+    folds = [f.v for f in ref.folds]
+    for name, a in atts_all:
+        if [f.v for f in a.folds] != folds or [len(f.question_ids) for f in a.folds] != [
+            len(f.question_ids) for f in ref.folds
+        ]:
+            raise ValueError(
+                f"attack {name!r} ({a.label}) covers different folds than {ref.label}: "
+                f"{[f.v for f in a.folds]} vs {folds}"
+            )
+    paired = False
+    if any(a.question_ids != ref.question_ids for _, a in atts_all):
+        n_seeds = {len(atts) for atts in groups.values()}
+        first = next(iter(groups.values()))
+        paired = len(n_seeds) == 1 and all(
+            atts[i].question_ids == first[i].question_ids
+            for atts in groups.values()
+            for i in range(len(atts))
+        )
+        if not paired:
+            bad = next(name for name, a in atts_all if a.question_ids != ref.question_ids)
+            raise ValueError(
+                f"attack {bad!r} scores different V questions than {ref.label}, and the seeds "
+                "are not paired (same number of seeds per role, seed i on the same questions)"
+            )
+    return folds, [len(f.question_ids) for f in ref.folds], paired
 
 
 def _rtt_numbers(
@@ -166,6 +184,7 @@ def _rtt_numbers(
     n_boot: int,
     seed: int,
     with_ci: bool,
+    paired: bool = False,
 ) -> dict[str, Any]:
     """The after-RTT numbers of one selection rule over the questions in ``sl``."""
     out: dict[str, Any] = {
@@ -184,8 +203,9 @@ def _rtt_numbers(
             )
         if u.correct is not None and o.correct is not None:
             cis = bootstrap_recovery_ci(
-                u.correct[:, sl], o.correct[:, sl], chance, n_boot=n_boot, seed=seed
-            )
+                u.correct[:, sl], o.correct[:, sl], chance, n_boot=n_boot, seed=seed,
+                paired_seeds=paired and u.correct.shape[0] == o.correct.shape[0],
+            )  # fmt: skip
             out["recovery_ci"] = _ci(cis["recovery"])
             out["recovery_raw_ci"] = _ci(cis["recovery_raw"])
         else:
@@ -202,6 +222,7 @@ def build_results(
     config: Mapping[str, Any] | None = None,
     n_boot: int = N_BOOT,
     seed: int = 0,
+    info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The results dict (``docs/results-schema.md``) for one dataset.
 
@@ -210,6 +231,10 @@ def build_results(
     every method.  Several attacks for one role are seeds: accuracies are
     their mean, and CIs resample seeds as well as questions.  ``config`` is
     stored as given under ``config.run`` (e.g. the unlearning settings).
+    Seeds may each have their own world (see :func:`_check_aligned`).
+    ``info`` may set ``base_dataset`` and ``regime`` ("pretrained" or
+    "finetuned": when the facts were learned), copied into every summary
+    and fold row with ``train_splits`` (|T|, read from the attacks).
     Use :func:`merge_results` to combine datasets.
     """
     originals, controls = _as_list(original), _as_list(control)
@@ -223,8 +248,14 @@ def build_results(
         if not atts:
             raise ValueError(f"method {m!r} has no attack")
         groups[f"unlearned:{m}"] = atts
-    fold_names, fold_sizes = _check_aligned(groups)
+    fold_names, fold_sizes, paired = _check_aligned(groups)
     ds_name = dataset or originals[0].dataset
+    row_info = {
+        "base_dataset": (info or {}).get("base_dataset") or ds_name,
+        "regime": (info or {}).get("regime") or "pretrained",
+        "train_splits": len(originals[0].folds[0].t),
+        "paired_seeds": paired,
+    }
     chance = chance_level(originals[0].n_choices)
     offsets = np.cumsum([0, *fold_sizes])
     fold_slices = [slice(int(offsets[i]), int(offsets[i + 1])) for i in range(len(fold_sizes))]
@@ -248,7 +279,7 @@ def build_results(
         for rule in rules:
             u = _Picked(atts, rule)
             o, c = picked[rule]["original"], picked[rule]["control"]
-            nums = _rtt_numbers(o, u, c, chance, slice(None), n_boot, seed + mi, True)
+            nums = _rtt_numbers(o, u, c, chance, slice(None), n_boot, seed + mi, True, paired)
             nums["retain_original_rtt"] = o.retain
             nums["retain_unlearned_rtt"] = u.retain
             nums["retain_control_rtt"] = c.retain if c is not None else None
@@ -261,6 +292,7 @@ def build_results(
         opt = per_rule["optimistic"][0]
         entry: dict[str, Any] = {
             "dataset": ds_name,
+            **row_info,
             "method": method,
             "chance": chance,
             "n_folds": len(fold_names),
@@ -287,6 +319,7 @@ def build_results(
         for fi, (v, sl) in enumerate(zip(fold_names, fold_slices, strict=True)):
             row: dict[str, Any] = {
                 "dataset": ds_name,
+                **row_info,
                 "method": method,
                 "fold": v,
                 "t": list(atts[0].folds[fi].t),
@@ -299,7 +332,7 @@ def build_results(
             for rule in rules:
                 u = per_rule[rule][1]
                 o, c = picked[rule]["original"], picked[rule]["control"]
-                nums = _rtt_numbers(o, u, c, row["chance"], sl, n_boot, seed + mi, True)
+                nums = _rtt_numbers(o, u, c, row["chance"], sl, n_boot, seed + mi, True, paired)
                 nums["retain_original_rtt"] = o.fold_retain(fi)
                 nums["retain_unlearned_rtt"] = u.fold_retain(fi)
                 if rule == "optimistic":

@@ -113,48 +113,27 @@ def pretrain_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
 def finetune_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
     """Teach the model the dataset's facts first (the paper's Random Birthdays setup).
 
-    LM loss on the forget corpus and the retain data's training text (the
-    questions written out with answers where there is no corpus), evaluating
-    forget accuracy after every epoch and stopping at ``target_accuracy``.
+    The model is a hub model, or the tiny never-learned control pretrained
+    on the same world; :func:`rtteval.pretrain.finetune_facts` trains it on
+    the forget facts (replaying retain text) until ``target_accuracy``.
     """
     from rtteval.data import load_dataset
-    from rtteval.models import save_model
-    from rtteval.pretrain import scoring_for
-    from rtteval.scoring import evaluate_mcq, format_mcq
-    from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
+    from rtteval.pretrain import FinetuneConfig, finetune_facts
 
-    f = config["finetune"]
     data, _ = _data_dirs(config, deps)
-    ds = load_dataset(data)
-    texts = [p.text for p in ds.passages("corpus")] or [
-        format_mcq(q, with_answer=True) for q in ds.questions()
-    ]
+    cfg = FinetuneConfig(**{**config["finetune"], "seed": config["seed"]})
     model, tok = _load(config, deps)
-    seqs = encode_texts(tok, texts)
-    scoring = scoring_for(ds)
-    forget_q = ds.questions()
-    before = evaluate_mcq(model, tok, forget_q, scoring).accuracy
-
-    def batches(epoch: int):
-        return make_batches(
-            seqs, f["batch_size"], tok.pad_token_id, seed=config["seed"] * 7 + epoch
-        )
-
-    target = f.get("target_accuracy")
-    res = train(
-        model, batches, lm_loss_fn,
-        TrainConfig(lr=f["lr"], epochs=f["epochs"], optimizer=f["optimizer"], seed=config["seed"]),
-        evaluate=lambda m: {"forget_acc": evaluate_mcq(m, tok, forget_q, scoring).accuracy},
-        stop=(lambda row: row["forget_acc"] >= target) if target else None,
-    )  # fmt: skip
-    after = res.history[-1]["forget_acc"] if res.history else before
-    metrics = {"forget_acc_before": before, "forget_acc": after, "status": res.status,
-               "steps": res.steps, "wall_time": res.wall_time}  # fmt: skip
-    write_json_atomic(job_dir / "metrics.json", {**metrics, "train": res.to_dict()})
-    if res.status == "diverged":
-        return JobOutput(metrics, {"model": None}, "diverged")
-    save_model(model, tok, job_dir / "model")
+    m = finetune_facts(model, tok, load_dataset(data), job_dir / "model", cfg, progress=False)
     _free(model)
+    metrics = {"forget_acc_before": m["before"].get("forget_acc"),
+               "retain_acc_before": m["before"].get("retain_acc"),
+               "forget_acc": m["forget_acc"], "retain_acc": m["retain_acc"],
+               "status": m["status"], "reached_target": m["reached_target"],
+               "steps": m["train"]["steps"], "wall_time": m["train"]["wall_time"]}  # fmt: skip
+    print(f"finetune: forget {metrics['forget_acc_before']} -> {metrics['forget_acc']}")
+    write_json_atomic(job_dir / "metrics.json", metrics)
+    if m["status"] == "diverged":
+        return JobOutput(metrics, {"model": None}, "diverged")
     return JobOutput(metrics, {"model": Path("model")})
 
 

@@ -8,7 +8,15 @@ For every seed and dataset::
 
 With ``model.hf`` there is no world or pretrain job: the original is the
 loaded model (or a ``finetune`` job's output when the dataset has
-``finetune_first``, in which case the base model is the control).
+``finetune_first``, in which case the base model is the control).  A tiny
+model with ``finetune_first`` has no "pretrain original": the original is
+the control fine-tuned on the forget facts (``pretrain control ──> finetune``).
+
+Pretraining jobs carry no dataset name, so two dataset entries on the same
+world (the pretrained and the fine-tuned regime) share their world and
+control.  ``world.vary_with_seed`` makes one world per seed.  Each extra
+``datasets[].t_sizes`` entry repeats every attack with a smaller T, as its own
+attack groups under the dataset label ``"<name> |T|=k"``.
 
 Attacks on the original and the control do not depend on any method, so
 they are shared by all methods and run as soon as their model exists.
@@ -53,6 +61,9 @@ class AttackGroup:
     keys: list[str]
     folds: list[str]
     select_key: str | None = None
+    base_dataset: str | None = None  # the dataset entry, when ``dataset`` is a |T| variant
+    regime: str = "pretrained"  # when the facts were learned: pretrained | finetuned
+    train_splits: int | None = None  # |T| of this group's folds (None: all splits but V)
 
 
 @dataclass
@@ -65,6 +76,8 @@ class _Scope:
     folds: list[str]
     data_cfg: dict[str, Any]
     base_deps: list[Job]
+    regime: str
+    t_sizes: list[int]
 
 
 @dataclass
@@ -163,33 +176,42 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         sc: _Scope, role: str, label: str, method: str | None, src: Job | None,
         ref: dict[str, Any] | None, select_key: str | None = None,
     ) -> None:  # fmt: skip
+        """One attack job per fold, for the full T and for each extra |T| in ``t_sizes``."""
         model, deps = model_source(sc, src, ref)
-        keys = []
-        for fold in sc.folds:
-            j = add(
-                "attack", f"attack {label} {sc.tag} {fold}",
-                {"attack": cfg.attack.name, "role": role, "label": label, "method": method,
-                 "dataset": sc.dataset, "data": sc.data_cfg, "model": model, "fold": fold,
-                 "rtt": cfg.attack.rtt_dict(sc.seed), "seed": sc.seed},
-                deps, eval_batch_size=cfg.attack.eval_batch_size, **hf_runtime,
-            )  # fmt: skip
-            keys.append(j.key)
-        groups.append(
-            AttackGroup(sc.dataset, sc.seed, role, label, method, keys, list(sc.folds), select_key)
-        )
+        for k in [None, *sc.t_sizes]:
+            dataset = sc.dataset if k is None else f"{sc.dataset} |T|={k}"
+            tag = sc.tag if k is None else sc.tag.replace(sc.dataset, dataset, 1)
+            keys = []
+            for fold in sc.folds:
+                j = add(
+                    "attack", f"attack {label} {tag} {fold}",
+                    # no dataset label in the key: the control's attacks serve both regimes
+                    {"attack": cfg.attack.name, "role": role, "label": label, "method": method,
+                     "data": sc.data_cfg, "model": model, "fold": fold,
+                     "rtt": cfg.attack.rtt_dict(sc.seed, k), "seed": sc.seed},
+                    deps, eval_batch_size=cfg.attack.eval_batch_size, **hf_runtime,
+                )  # fmt: skip
+                keys.append(j.key)
+            groups.append(
+                AttackGroup(
+                    dataset,
+                    sc.seed,
+                    role,
+                    label,
+                    method,
+                    keys,
+                    list(sc.folds),
+                    select_key,
+                    base_dataset=sc.dataset,
+                    regime=sc.regime,
+                    train_splits=k,
+                )  # fmt: skip
+            )
 
     for di, ds in enumerate(cfg.datasets):
         dname = ds.label
-        world_job: Job | None = None
         data_cfg: dict[str, Any]
         if ds.world is not None:
-            world_job = add(
-                "world",
-                f"world {dname}",
-                {"preset": ds.world.preset, "seed": ds.world.seed,
-                 "overrides": dict(ds.world.overrides)},
-                [],
-            )  # fmt: skip
             data_cfg = {"from": "world"}
         else:
             assert ds.path is not None
@@ -206,39 +228,72 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                     f"fold(s) {bad} are not forget splits of dataset {dname!r} ({splits})",
                     field="attack.folds",
                 )
+        t_sizes = sorted(set(ds.t_sizes))
+        if splits is not None:
+            too_big = [k for k in t_sizes if k > len(splits) - 1]
+            if too_big:
+                raise ConfigError(
+                    f"dataset {dname!r} has {len(splits)} forget splits, so T has at most "
+                    f"{len(splits) - 1}; got {too_big}",
+                    field=f"datasets.{di}.t_sizes",
+                )
+            t_sizes = [k for k in t_sizes if k < len(splits) - 1]  # the full T runs anyway
         if folds is None:
             folds = [UNKNOWN_FOLD]
             notes.append(
                 f"dataset {dname!r}: forget splits unknown until {ds.path} exists; attack jobs "
                 "are counted once per model here (list them in datasets[].splits for an exact count)"
             )
-        base_deps = [world_job] if world_job is not None else []
 
         for seed in cfg.seeds:
             tag = f"{dname} s{seed}"
+            base_deps: list[Job] = []
+            if ds.world is not None:
+                wseed = ds.world.seed_for(seed)
+                base_deps = [
+                    add(
+                        "world",
+                        f"world {dname}" + (f" s{seed}" if ds.world.vary_with_seed else ""),
+                        {
+                            "preset": ds.world.preset,
+                            "seed": wseed,
+                            "overrides": dict(ds.world.overrides),
+                        },
+                        [],
+                    )  # fmt: skip
+                ]
             original: Job | None = None
             control: Job | None = None
             original_ref: dict[str, Any] | None = None
             control_ref: dict[str, Any] | None = None
             if cfg.model.tiny is not None:
                 t = cfg.model.tiny
-                common = {"dataset": dname, "model_preset": t.preset,
-                          "pretrain": t.pretrain.model_dump(), "seed": seed}  # fmt: skip
-                original = add(
-                    "pretrain", f"pretrain original {tag}",
-                    {**common, "role": "original", "exclude_forget": False}, base_deps,
-                )  # fmt: skip
+                # no dataset name in the key: two datasets on one world share these jobs
+                common = {"model_preset": t.preset, "pretrain": t.pretrain.model_dump(),
+                          "seed": seed}  # fmt: skip
                 control = add(
                     "pretrain", f"pretrain control {tag}",
                     {**common, "role": "control", "exclude_forget": True}, base_deps,
                 )  # fmt: skip
+                if ds.finetune_first:
+                    original = add(
+                        "finetune", f"finetune {tag}",
+                        {"dataset": dname, "data": data_cfg, "model": "dep",
+                         "finetune": cfg.finetune.resolved(tiny=True), "seed": seed},
+                        [*base_deps, control],
+                    )  # fmt: skip
+                else:
+                    original = add(
+                        "pretrain", f"pretrain original {tag}",
+                        {**common, "role": "original", "exclude_forget": False}, base_deps,
+                    )  # fmt: skip
             else:
                 assert hf_ref is not None and hf is not None
                 if ds.finetune_first:
                     original = add(
                         "finetune", f"finetune {tag}",
                         {"dataset": dname, "data": data_cfg, "model": hf_ref,
-                         "finetune": cfg.finetune.model_dump(), "seed": seed},
+                         "finetune": cfg.finetune.resolved(tiny=False), "seed": seed},
                         base_deps, **hf_runtime,
                     )  # fmt: skip
                     control_ref = hf_ref
@@ -247,7 +302,8 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                     if hf.control is not None:
                         control_ref = {**hf_ref, "id": hf.control.id, "path": hf.control.path}
 
-            sc = _Scope(dname, tag, seed, list(folds), data_cfg, list(base_deps))
+            regime = "finetuned" if ds.finetune_first else "pretrained"
+            sc = _Scope(dname, tag, seed, list(folds), data_cfg, list(base_deps), regime, t_sizes)
 
             if cfg.attack.controls:
                 attack_jobs(sc, "original", "original", None, original, original_ref)

@@ -134,6 +134,7 @@ def build_study_results(
                 },
                 n_boot=n_boot,
                 seed=min(g.seed for g in groups),
+                info={"base_dataset": groups[0].base_dataset, "regime": groups[0].regime},
             )
         )
     if not results:
