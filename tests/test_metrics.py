@@ -132,3 +132,16 @@ def test_bootstrap_resamples_seeds_when_several():
     o = np.ones((1, 50))
     cis = bootstrap_recovery_ci(np.stack([np.ones(50)] * 3), o, 0.25, seed=0)
     assert cis["recovery"] == (1.0, 1.0)
+
+
+def test_paired_seeds_never_divide_one_world_by_another():
+    # world A: unlearned 0.9, ceiling 1.0; world B: unlearned 0.45, ceiling 0.5 (chance 0):
+    # each world recovers 90%, which paired resampling keeps; independent draws mix worlds
+    u = np.stack([np.r_[np.ones(90), np.zeros(10)], np.r_[np.ones(45), np.zeros(55)]])
+    o = np.stack([np.ones(100), np.r_[np.ones(50), np.zeros(50)]])
+    paired = bootstrap_recovery_ci(u, o, 0.0, seed=0, paired_seeds=True)["recovery_raw"]
+    mixed = bootstrap_recovery_ci(u, o, 0.0, seed=0)["recovery_raw"]
+    assert paired[0] <= 0.9 <= paired[1]
+    assert paired[1] - paired[0] < 0.5 * (mixed[1] - mixed[0])
+    with pytest.raises(ValueError, match="equal seed counts"):
+        bootstrap_recovery_ci(u, o[:1], 0.0, paired_seeds=True)

@@ -243,3 +243,32 @@ def test_merge_results_and_terminal_table(attacks):
     text = console.export_text()
     assert "random_bd" in text and "0.73" in text
     assert not math.isnan(m["summary"][0]["recovery"])
+
+
+def _reworlded(a: ModelAttack, world: str) -> ModelAttack:
+    """The same attack on another world: other V question ids, same folds and sizes."""
+    d = a.to_dict()
+    for f in d["folds"]:
+        f["question_ids"] = [f"{world}-{q}" for q in f["question_ids"]]
+    return ModelAttack.from_dict(d)
+
+
+def test_one_world_per_seed_pairs_seeds_and_carries_regime_info(attacks):
+    original, unlearned, control = attacks
+    o2, u2, c2 = (_reworlded(a, "w2") for a in attacks)
+    res = build_results(
+        {"GD": [unlearned, u2]}, [original, o2], [control, c2], n_boot=200,
+        info={"base_dataset": "world", "regime": "finetuned"},
+    )  # fmt: skip
+    (s,) = res["summary"]
+    assert s["paired_seeds"] and s["n_seeds"] == {"unlearned": 2, "original": 2, "control": 2}
+    assert (s["regime"], s["base_dataset"], s["train_splits"]) == ("finetuned", "world", 1)
+    assert s["recovery"] == pytest.approx((0.8 - 0.25) / 0.75)
+    assert all(f["regime"] == "finetuned" for f in res["folds"])
+    # shared questions: not paired, defaults filled in
+    plain = build_results({"GD": unlearned}, original, control, n_boot=50)["summary"][0]
+    assert not plain["paired_seeds"] and plain["regime"] == "pretrained"
+    assert plain["base_dataset"] == "world"
+    # different questions with unequal seed counts cannot be paired
+    with pytest.raises(ValueError, match="not paired"):
+        build_results({"GD": [unlearned, u2]}, [original], control)

@@ -425,3 +425,19 @@ def test_end_to_end_attack_and_report_via_cli(pretrained_tiny, tmp_path: Path, c
     assert r3.returncode == 0, r3.stderr
     assert (out / "report.md").read_text().startswith("# RTT report")
     assert (out / "fig_recovery.png").exists()
+
+
+def test_train_splits_takes_the_next_k_splits_cyclically(world: Dataset):
+    names = world.split_names
+    one = build_folds(world, RTTConfig(train_splits=1, holdout_fraction=0))
+    assert [f.t for f in one] == [[names[(i + 1) % len(names)]] for i in range(len(names))]
+    assert all(len(f.items) == len(world.splits[f.t[0]]) for f in one)
+    two = build_folds(world, RTTConfig(train_splits=2, folds=[names[-1]]))[0]
+    assert two.t == [names[0], names[1]]
+    # all but V is the default, with the same training texts
+    full = build_folds(world, RTTConfig(train_splits=len(names) - 1))
+    assert [f.train_texts for f in full] == [f.train_texts for f in build_folds(world)]
+    with pytest.raises(ConfigError, match="at most"):
+        build_folds(world, RTTConfig(train_splits=len(names)))
+    with pytest.raises(ConfigError, match="train_splits"):
+        build_folds(world, RTTConfig(train_splits=0))

@@ -167,3 +167,50 @@ def test_shipped_configs_plan_without_loading_models(path: Path, cli, monkeypatc
     if path.stem == "random_bd_llama3_8b":
         assert plan["by_stage"]["finetune"] == 1
         assert plan["by_stage"]["attack"] == 50  # original + control + 3 methods, 10 folds
+
+
+REGIMES = """\
+name: r
+output_dir: out
+seeds: [0, 1]
+model:
+  tiny: {preset: micro}
+datasets:
+  - name: w
+    world: {preset: tiny, seed: 5, vary_with_seed: true}
+    t_sizes: [1, 2, 4]
+  - name: w-ft
+    world: {preset: tiny, seed: 5, vary_with_seed: true}
+    finetune_first: true
+methods:
+  - name: gd
+attack: {lrs: [1.0e-3], epochs: 1}
+"""
+
+
+def test_plan_regimes_world_per_seed_and_t_sizes(tmp_path: Path) -> None:
+    from rtteval.runner.plan import build_plan
+
+    plan = build_plan(load_config(_write(tmp_path, REGIMES)).config)
+    jobs = {p.job.name: p.job for p in plan.jobs}
+    # one world per seed, shared by both regimes; so is the control
+    worlds = [j for j in plan.jobs if j.job.stage == "world"]
+    assert sorted(j.job.config["seed"] for j in worlds) == [5, 6]
+    assert "pretrain control w-ft s0" not in jobs
+    # the fine-tuned regime's original is the control, fine-tuned (tiny defaults)
+    ft = jobs["finetune w-ft s0"]
+    assert ft.config["model"] == "dep" and ft.config["finetune"]["lr"] == 1e-3
+    assert jobs["pretrain control w s0"].key in ft.deps
+    assert "pretrain original w-ft s0" not in jobs
+    # |T| = 4 is the full T (5 splits): variants 1 and 2 only, for the pretrained regime
+    labels = {(g.dataset, g.regime, g.train_splits) for g in plan.groups}
+    assert labels == {("w", "pretrained", None), ("w |T|=1", "pretrained", 1),
+                      ("w |T|=2", "pretrained", 2), ("w-ft", "finetuned", None)}  # fmt: skip
+    assert jobs["attack gd w |T|=1 s1 split_3"].config["rtt"]["train_splits"] == 1
+    # the control's attacks are the same jobs in both regimes
+    ctl = [g for g in plan.groups if g.role == "control" and g.train_splits is None]
+    assert len(ctl) == 4 and ctl[0].keys == ctl[2].keys  # w s0, w s1, w-ft s0, w-ft s1
+    # 2 seeds x (w: 3 models x 5 folds x 3 sizes + w-ft: original + gd x 5 folds)
+    assert plan.counts()["attack"] == 2 * (45 + 10)
+    with pytest.raises(ConfigError, match="T has at most 4"):
+        build_plan(load_config(_write(tmp_path, REGIMES.replace("[1, 2, 4]", "[5]"))).config)
