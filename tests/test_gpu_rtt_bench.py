@@ -1,0 +1,46 @@
+"""benchmarks/gpu_rtt.py runs end to end (``--smoke``: tiny model on CPU); it tests that, not speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    path = REPO_ROOT / "benchmarks" / "gpu_rtt.py"
+    spec = importlib.util.spec_from_file_location("gpu_rtt_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_rtt_smoke_writes_every_measurement(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gpu_rtt.json"
+    data = load_script().main(["--smoke", "--out", str(out), "--steps", "1", "--eval-steps", "1"])
+    assert json.loads(out.read_text()) == data
+    assert data["errors"] == []
+    assert data["meta"]["smoke"] is True
+    assert data["peak_matmul"]["tflops"] > 0
+    assert data["flops"]["n_matmul"] > 0
+    for key in ("baseline_bs4", "rtteval_bs4", "rtteval_bs4_snapshot", "rtteval_bs8"):
+        row = data["train"][key]
+        for field in ("step_s_mean", "tokens_per_s", "tflops", "mfu"):
+            assert row[field] > 0, (key, field)
+        assert 0 < row["padding_efficiency"] <= 1
+    for key in ("bs4_copy", "bs8_copy", "bs8_forward", "bs8_last"):
+        row = data["eval"][key]
+        for field in ("batch_s_mean", "tokens_per_s", "mfu"):
+            assert row[field] > 0, (key, field)
+    est = data["sweep_estimate"]
+    assert est["sweep"]["steps_per_epoch"] == 158
+    assert est["baseline"]["total_s"] > 0 and est["rtteval"]["total_s"] > 0
+    assert est["ratio_baseline_over_rtteval"] > 0
+    assert data["headline"]["speedup_step_bs4"] > 0
+    assert data["headline"]["mfu_eval"] > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("speedup_step_bs4: ")
+    assert lines[-1].startswith("mfu_eval: ")
