@@ -151,7 +151,7 @@ def test_training_texts_per_loss(world: Dataset, loss: str):
         assert all(it.prompt is not None and it.text.startswith(it.prompt) for it in f.items)
         assert all(it.prompt.endswith("Answer:") for it in f.items)
     else:
-        held = {question_id(q) for q in f.holdout}
+        held = {q.extra["fact_id"] for q in f.holdout}
         expected = [p.text for t in f.t for p in world.corpus[t] if p.extra["fact_id"] not in held]
         assert f.train_texts == expected and f.holdout_isolated
         subjects = [q.extra["subject"] for q in f.holdout]
@@ -258,7 +258,11 @@ def test_question_ids_without_fact_ids_are_stable_hashes():
     a, b = _mcq("When was X born?", 1), _mcq("When was X born?", 2)
     assert question_id(a) == question_id(_mcq("When was X born?", 1))
     assert question_id(a) != question_id(b) and question_id(a).startswith("q:")
-    assert question_id(_mcq("x", fact_id="split_0-0001")) == "split_0-0001"
+    # a world's fact_id is positional: two worlds reuse it for different facts
+    one, other = _mcq("x", fact_id="split_0-0001"), _mcq("y", fact_id="split_0-0001")
+    assert question_id(one).startswith("split_0-0001:")
+    assert question_id(one) != question_id(other)
+    assert question_id(one) == question_id(_mcq("x", fact_id="split_0-0001"))
 
 
 def test_corpus_loss_without_links_records_an_unisolated_holdout():

@@ -166,18 +166,19 @@ def resolve_loss(dataset: Dataset, cfg: RTTConfig) -> str:
 
 
 def question_id(q: MCQ) -> str:
-    """A stable id: the world's ``fact_id``, else a hash of question, choices and answer.
+    """A stable id: the world's ``fact_id`` with a content hash, else the hash alone.
 
     Used to line up the same V questions across models (the bootstrap pairs
-    them) and to record provenance.
+    them) and to record provenance.  The hash of question, choices and
+    answer is part of every id because a ``fact_id`` is positional
+    (``split_0-0003``): two worlds made with different seeds reuse it for
+    different facts, and must not be taken for the same questions.
     """
-    fid = q.extra.get("fact_id")
-    if fid is not None:
-        return str(fid)
     h = hashlib.sha1(
         "\x1f".join([q.question, *q.choices, str(q.answer)]).encode("utf-8")
     ).hexdigest()
-    return f"q:{h[:16]}"
+    fid = q.extra.get("fact_id")
+    return f"{fid}:{h[:8]}" if fid is not None else f"q:{h[:16]}"
 
 
 @dataclass
@@ -291,7 +292,10 @@ def build_folds(dataset: Dataset, cfg: RTTConfig | None = None) -> list[Fold]:
         for t in t_names:
             for q in dataset.splits[t]:
                 if q.question in v_texts:
-                    dropped.append({"split": t, "id": question_id(q), "question": q.question})
+                    dropped.append(
+                        {"split": t, "id": question_id(q), "question": q.question,
+                         "fact_id": q.extra.get("fact_id")}
+                    )  # fmt: skip
                 else:
                     t_qs.append((t, q))
         if dropped and cfg.overlap == "error":
@@ -338,7 +342,8 @@ def _corpus_items(
     """
     if not any(dataset.corpus.get(t) for t in t_names):
         raise DataError(f"fold V={v}: loss 'corpus' but T {t_names} has no corpus_*.jsonl")
-    excl_ids = {question_id(q) for q in holdout} | {d["id"] for d in dropped}
+    excl_fids = {str(q.extra["fact_id"]) for q in holdout if q.extra.get("fact_id") is not None}
+    excl_fids |= {str(d["fact_id"]) for d in dropped if d.get("fact_id") is not None}
     subjects = [s for s in (_subject(q) for q in holdout) if s]
     pat = _word_pattern(subjects)
     items = []
@@ -346,7 +351,7 @@ def _corpus_items(
     for t in t_names:
         for i, p in enumerate(dataset.corpus.get(t, [])):
             fid = p.extra.get("fact_id")
-            if fid is not None and str(fid) in excl_ids:
+            if fid is not None and str(fid) in excl_fids:
                 continue
             if pat is not None and pat.search(p.text):
                 continue
@@ -429,7 +434,10 @@ def check_provenance(fold: Fold, dataset: Dataset) -> None:
             if include_holdout and hold_hay.find(q.question) is not None:
                 problems.append(f"{what} question {q.question!r} is in the held-out slice of T")
             qid = question_id(q)
-            if qid in refs or (include_holdout and qid in hold_ids):
+            fid = q.extra.get("fact_id")
+            if qid in refs or (fid is not None and str(fid) in refs) or (
+                include_holdout and qid in hold_ids
+            ):
                 problems.append(
                     f"{what} fact {qid} is among T's training sources or held-out slice"
                 )
