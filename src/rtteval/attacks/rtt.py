@@ -273,8 +273,7 @@ def build_folds(dataset: Dataset, cfg: RTTConfig | None = None) -> list[Fold]:
     k = cfg.train_splits
     if k is not None and k > len(names) - 1:
         raise ConfigError(
-            f"train_splits={k}, but with {len(names)} forget splits T has at most "
-            f"{len(names) - 1}",
+            f"train_splits={k}, but with {len(names)} forget splits T has at most {len(names) - 1}",
             field="train_splits",
         )
     loss = resolve_loss(dataset, cfg)
@@ -435,8 +434,10 @@ def check_provenance(fold: Fold, dataset: Dataset) -> None:
                 problems.append(f"{what} question {q.question!r} is in the held-out slice of T")
             qid = question_id(q)
             fid = q.extra.get("fact_id")
-            if qid in refs or (fid is not None and str(fid) in refs) or (
-                include_holdout and qid in hold_ids
+            if (
+                qid in refs
+                or (fid is not None and str(fid) in refs)
+                or (include_holdout and qid in hold_ids)
             ):
                 problems.append(
                     f"{what} fact {qid} is among T's training sources or held-out slice"
