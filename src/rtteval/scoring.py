@@ -169,13 +169,15 @@ def score_letters(
     for start in range(0, len(encoded), cfg.batch_size):
         chunk = encoded[start : start + cfg.batch_size]
         ids, mask = _pad(chunk, tokenizer.pad_token_id, cfg.padding_side)
-        logits = forward_logits(model, ids, mask).cpu()
+        logits = forward_logits(model, ids, mask)
+        # pick the letters on the model's device: copying [B, L, vocab] float32 logits
+        # to the CPU would cost ~4 GB per batch of 64 on a 128k-vocabulary model
         if cfg.padding_side == "left":
             last = logits[:, -1, :]
         else:
-            lengths = mask.sum(-1) - 1
-            last = logits[torch.arange(len(chunk)), lengths, :]
-        out[start : start + len(chunk)] = last[:, letter_ids]
+            lengths = mask.to(logits.device).sum(-1) - 1
+            last = logits[torch.arange(len(chunk), device=logits.device), lengths, :]
+        out[start : start + len(chunk)] = last[:, letter_ids.to(logits.device)].cpu()
     return out
 
 
