@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rtteval.cli_attack import attack_cmd, report_cmd
+from rtteval.cli_attack import attack_cmd, findings_cmd, report_cmd
 from rtteval.cli_run import run_cmd, status_cmd
 from rtteval.cli_unlearn import unlearn_cmd
 from rtteval.errors import UserError
@@ -27,6 +27,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets
 app.add_typer(data_app, name="data")
 app.command("attack")(attack_cmd)
 app.command("report")(report_cmd)
+app.command("findings")(findings_cmd)
 app.command("run")(run_cmd)
 app.command("status")(status_cmd)
 app.command("unlearn")(unlearn_cmd)

@@ -1,4 +1,4 @@
-"""``rtteval attack`` and ``rtteval report``.
+"""``rtteval attack``, ``rtteval report`` and ``rtteval findings``.
 
 ``attack`` runs RTT on the original model (ceiling), the never-learned
 control (floor) and the unlearned model, one model in memory at a time, and
@@ -202,4 +202,17 @@ def report_cmd(
         raise UserError("not a directory", file=run_dir)
     paths = regenerate(run_dir)
     _Console().print(summary_table(load_results(run_dir)))
+    print(json.dumps({"out": str(run_dir), "files": sorted(p.name for p in paths.values())}))
+
+
+def findings_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="directory holding results.json")],
+) -> None:
+    """Write findings.json, findings.md and figures (the paper's findings) from RUN_DIR/results.json."""
+    from rtteval.findings import write_findings
+
+    if not run_dir.is_dir():
+        raise UserError("not a directory", file=run_dir)
+    paths = write_findings(run_dir)
+    console.print(f"findings: {run_dir / 'findings.md'}")
     print(json.dumps({"out": str(run_dir), "files": sorted(p.name for p in paths.values())}))
