@@ -373,7 +373,7 @@ def build_results(
             "config": cfg,
             "summary": summary,
             "folds": fold_rows,
-            "attacks": [{"dataset": ds_name, **a} for a in attacks],
+            "attacks": [{**a, "dataset": ds_name} for a in attacks],  # the label, not the data dir
         }
     )
 
