@@ -75,6 +75,16 @@ def build_study_results(
         if not originals:
             continue
         fold_order = groups[originals[0]].folds
+        # seeds run one after another: report the seeds whose original is complete
+        # rather than no fold at all while a later seed has not started
+        full = {groups[gi].seed for gi in originals if all(f in done[gi] for f in fold_order)}
+        if full and len(full) < len({groups[gi].seed for gi in originals}):
+            late = sorted({groups[gi].seed for gi in originals} - full)
+            missing.append(f"{dataset}: seed(s) {late} (the original is not done on every fold)")
+            keep = [gi for gi, g in enumerate(groups) if g.seed in full]
+            groups = [groups[gi] for gi in keep]
+            done = {i: done[gi] for i, gi in enumerate(keep)}
+            originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
         common = [f for f in fold_order if all(f in done[gi] for gi in originals)]
         if not common:
             missing.append(f"{dataset}: no fold finished on the original model yet")
