@@ -10,12 +10,13 @@ evaluation, early stopping, divergence handling, progress — lives here once.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -131,7 +132,8 @@ class TrainResult:
         }
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``params``: tensors, or param-group dicts (an Ensemble: one group per member)."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "lion":
@@ -263,18 +265,233 @@ def batch_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def nll_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token NLL over label positions, with mask-derived position ids."""
-    logits = batch_logits(model, batch)[:, :-1, :]
+    """Mean next-token NLL over label positions, with mask-derived position ids.
+
+    For an :class:`Ensemble` (logits ``[G, B, T, V]``) one mean per member, ``[G]``.
+    """
+    logits = batch_logits(model, batch)[..., :-1, :]
     labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    if logits.dim() == 3:
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.repeat(len(logits), 1).reshape(-1),
+        ignore_index=-100,
+        reduction="none",
     )
+    return nll.view(len(logits), -1).sum(1) / (labels != -100).sum()
 
 
 def lm_loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Plain language-modelling loss (pretraining, RTT)."""
+    """Plain language-modelling loss (pretraining, RTT); per member for an :class:`Ensemble`."""
     loss = nll_loss(model, batch)
-    return loss, {"nll": float(loss.detach())}
+    return loss, {"nll": float(loss.detach().mean())}
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+class _Grouped(torch.nn.Module):
+    """A layer of the batched copy: the same layer of all G members, applied at once.
+
+    Activations in the batched copy are member-major (rows ``g*B`` to ``(g+1)*B - 1`` of the
+    batch are member g's), so layers without weights (attention, rotary embeddings,
+    activations, the causal mask) run unchanged; only layers with weights are grouped.
+    ``weights`` maps the layer's parameter names to stacked ``[G, ...]`` tensors owned by the
+    :class:`Ensemble` (not registered here).
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.__dict__["weights"] = weights
+        self.size = next(iter(weights.values())).shape[0]
+
+
+class _GroupedLinear(_Grouped):
+    """``nn.Linear`` as one ``bmm``; a weight only linears use is stored ``[G, in, out]``.
+
+    That layout makes the weight gradient of the bmm land in the stored layout with no copy.
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor], transposed: bool):
+        super().__init__(weights)
+        self.transposed = transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights["weight"]
+        y = torch.bmm(x.reshape(self.size, -1, x.shape[-1]), w if self.transposed else w.mT)
+        if "bias" in self.weights:
+            y = y + self.weights["bias"].unsqueeze(1)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _GroupedEmbedding(_Grouped):
+    """``nn.Embedding`` over the G tables side by side (member g's ids offset by g * vocab)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], padding_idx: int | None):
+        super().__init__(weights)
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weights["weight"]
+        vocab = w.shape[1]
+        member = torch.arange(self.size, device=ids.device).repeat_interleave(len(ids) // self.size)
+        out = torch.nn.functional.embedding(
+            ids + (member * vocab).view(-1, *[1] * (ids.dim() - 1)), w.reshape(-1, w.shape[-1])
+        )
+        if self.padding_idx is not None:  # as nn.Embedding: no gradient into the padding row
+            out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out
+
+
+class _GroupedNorm(_Grouped):
+    """An RMSNorm-style layer (weights scale the last dimension), run on ``[G, B, ...]``."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], source: torch.nn.Module):
+        super().__init__(weights)
+        self.inner = copy.deepcopy(source)
+        for name in weights:
+            delattr(self.inner, name)  # set per call to the member-broadcast weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.reshape(self.size, -1, *x.shape[1:])
+        for name, w in self.weights.items():
+            setattr(self.inner, name, w.view(self.size, *[1] * (xs.dim() - 2), w.shape[-1]))
+        return self.inner(xs).reshape(x.shape)
+
+
+def ensemble_unsupported(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot be an :class:`Ensemble` member, or None when it can.
+
+    Every layer with weights must have a grouped version: ``nn.Linear``, a plain
+    ``nn.Embedding`` or an RMSNorm (the Llama family); weights on one device, one dtype.
+    """
+    params = list(model.parameters())
+    if len({(p.device, p.dtype) for p in params}) != 1:
+        return "parameters on several devices or of several dtypes"
+    for name, mod in model.named_modules():
+        own = list(mod.parameters(recurse=False))
+        if not own or isinstance(mod, torch.nn.Linear):
+            continue
+        if isinstance(mod, torch.nn.Embedding):
+            if mod.max_norm is None and not mod.sparse and not mod.scale_grad_by_freq:
+                continue
+        elif type(mod).__name__.endswith("RMSNorm") and all(p.dim() == 1 for p in own):
+            continue
+        return f"layer {name or '<root>'} ({type(mod).__name__}) has no grouped version"
+    return None
+
+
+class Ensemble(torch.nn.Module):
+    """Copies of one model, member g to be trained at ``lrs[g]``, run as one batched model.
+
+    Why: RTT fine-tunes one model on the same batches at several learning rates.  For a small
+    model each step's cost is mostly per-operation overhead, so one pass over G members'
+    stacked weights (``bmm`` instead of ``mm``) costs much less than G passes.  Members never
+    mix: every operation of the batched pass acts on one member's rows or one member's
+    matrix, so member g's loss, gradient and update are those of training it alone
+    (tests/test_train.py compares the two).
+
+    * ``forward`` takes one model's inputs and returns logits ``[G, batch, time, vocab]``.
+    * ``members[g]`` is a plain copy of the model whose parameters are views of member g's
+      weights: evaluation runs on it, and it always shows the member's current state.
+    * :meth:`member_tensors` gives each member's weights as one flat tensor whose ``.grad``
+      the backward pass fills, so :func:`train` optimizes, clips and freezes per member with
+      one tensor operation each.
+    """
+
+    def __init__(self, model: torch.nn.Module, lrs: Sequence[float]):
+        super().__init__()
+        reason = ensemble_unsupported(model)
+        if reason:
+            raise ConfigError(f"model cannot be trained as an ensemble: {reason}")
+        if not lrs:
+            raise ConfigError("an ensemble needs at least one learning rate")
+        self.lrs = [float(lr) for lr in lrs]
+        g = len(self.lrs)
+        batched = copy.deepcopy(model)
+        self.members = torch.nn.ModuleList(copy.deepcopy(model) for _ in range(g))
+        users: dict[int, list[torch.nn.Module]] = {}
+        for mod in batched.modules():
+            for p in mod.parameters(recurse=False):
+                users.setdefault(id(p), []).append(mod)
+        named = list(batched.named_parameters())
+        transposed = {
+            id(p): p.dim() == 2 and all(isinstance(m, torch.nn.Linear) for m in users[id(p)])
+            for _, p in named
+        }
+        p0 = named[0][1]
+        n = sum(p.numel() for _, p in named)
+        self._flat = torch.zeros(g, n, device=p0.device, dtype=p0.dtype)
+        self._flat_grad = torch.zeros_like(self._flat)
+        # name -> (stacked [G, ...] leaf for the batched pass, whether stored transposed)
+        self._stacked: dict[str, tuple[torch.Tensor, bool]] = {}
+        by_id: dict[int, torch.Tensor] = {}
+        start = 0
+        for name, p in named:
+            t = transposed[id(p)]
+            shape = tuple(p.shape[::-1]) if t else tuple(p.shape)
+            span = slice(start, start + p.numel())
+            start += p.numel()
+            stacked = self._flat[:, span].view(g, *shape).requires_grad_(True)
+            stacked.grad = self._flat_grad[:, span].view(g, *shape)
+            self._stacked[name] = (stacked, t)
+            by_id[id(p)] = stacked
+            for k, member in enumerate(self.members):
+                view = self._flat[k, span].view(shape)
+                member.get_parameter(name).data = view.t() if t else view
+        for name, mod in list(batched.named_modules()):
+            own = dict(mod.named_parameters(recurse=False))
+            if not own:
+                continue
+            weights = {k: by_id[id(p)] for k, p in own.items()}
+            if isinstance(mod, torch.nn.Linear):
+                new: torch.nn.Module = _GroupedLinear(weights, transposed[id(mod.weight)])
+            elif isinstance(mod, torch.nn.Embedding):
+                new = _GroupedEmbedding(weights, mod.padding_idx)
+            else:
+                new = _GroupedNorm(weights, mod)
+            parent, _, attr = name.rpartition(".")
+            setattr(batched.get_submodule(parent), attr, new)
+        self.__dict__["batched"] = batched  # not a submodule: its weights are the members'
+        self.reset_(model)
+
+    @property
+    def size(self) -> int:
+        return len(self.lrs)
+
+    @torch.no_grad()
+    def reset_(self, model: torch.nn.Module) -> None:
+        """Make every member a copy of ``model``'s current weights (RTT: before each fold)."""
+        for name, p in model.named_parameters():
+            stacked, t = self._stacked[name]
+            stacked.copy_((p.t() if t else p).expand_as(stacked))
+        self._flat_grad.zero_()
+
+    def member_tensors(self) -> list[torch.Tensor]:
+        """Member g's weights as one flat tensor, its ``.grad`` filled by ``backward``."""
+        out = []
+        for k in range(self.size):
+            flat = self._flat[k]
+            flat.grad = self._flat_grad[k]
+            out.append(flat)
+        return out
+
+    def train(self, mode: bool = True) -> Ensemble:
+        self.batched.train(mode)
+        return super().train(mode)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """One model's inputs in, the model's output with logits ``[G, batch, time, vocab]``."""
+        rep = {
+            k: v.repeat(self.size, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) else v
+            for k, v in {"input_ids": input_ids, **kwargs}.items()
+        }
+        out = self.batched(**rep)
+        out.logits = out.logits.view(self.size, -1, *out.logits.shape[1:])
+        return out
 
 
 # --------------------------------------------------------------------------- the loop
@@ -283,6 +500,26 @@ def lm_loss_fn(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict
 def _autocast(cfg: TrainConfig, device: torch.device):
     use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+@overload
+def train(
+    model: Ensemble,
+    batches: Callable[[int], Sequence[Batch]],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    **kwargs: Any,
+) -> list[TrainResult]: ...
+
+
+@overload
+def train(
+    model: torch.nn.Module,
+    batches: Callable[[int], Sequence[Batch]],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    **kwargs: Any,
+) -> TrainResult: ...
 
 
 def train(
@@ -296,7 +533,7 @@ def train(
     trainable: Callable[[str], bool] | None = None,
     progress: str | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainResult:
+) -> TrainResult | list[TrainResult]:
     """Train ``model`` in place.
 
     ``evaluate(model)`` runs every ``eval_every_steps`` steps and/or at the
@@ -306,19 +543,33 @@ def train(
     ``max_loss``, ends the run with status ``diverged`` instead of raising,
     so one bad grid point never crashes a sweep.  ``trainable(name)`` picks
     the parameters to update (RMU trains a few layers only).
+
+    An :class:`Ensemble` trains its members side by side, member g at
+    ``model.lrs[g]`` times the schedule (``cfg.lr`` is unused): ``loss_fn``
+    returns one loss per member, and everything above — clipping by the
+    member's own gradient norm, divergence, ``evaluate`` (called with
+    ``model.members[g]``), ``stop`` — is per member.  A diverged or stopped
+    member is frozen while the others go on.  One :class:`TrainResult` per
+    member comes back; their ``wall_time`` is the shared run's.
     """
+    ens = model if isinstance(model, Ensemble) else None
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
-    names_params = [(n, p) for n, p in model.named_parameters()]
-    params = []
-    for n, p in names_params:
-        keep = trainable(n) if trainable is not None else True
-        p.requires_grad_(keep)
-        if keep:
-            params.append(p)
-    if not params:
-        raise ConfigError("no trainable parameters selected")
-    opt = make_optimizer(params, cfg)
+    if ens is not None:
+        if trainable is not None:
+            raise ConfigError("an Ensemble trains all parameters; trainable is not supported")
+        groups, lrs, members = [[t] for t in ens.member_tensors()], ens.lrs, list(ens.members)
+    else:
+        params = []
+        for n, p in model.named_parameters():
+            keep = trainable(n) if trainable is not None else True
+            p.requires_grad_(keep)
+            if keep:
+                params.append(p)
+        if not params:
+            raise ConfigError("no trainable parameters selected")
+        groups, lrs, members = [params], [cfg.lr], [model]
+    opt = make_optimizer([{"params": g} for g in groups], cfg)
     first = batches(0)
     steps_per_epoch = len(first)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -327,7 +578,9 @@ def train(
         if cfg.max_steps is not None and cfg.epochs
         else total
     )
-    result = TrainResult(status="completed", steps=0, epochs_run=0)
+    results = [TrainResult(status="completed", steps=0, epochs_run=0) for _ in groups]
+    live = list(range(len(groups)))  # members still training
+    step = 0
     t0 = time.perf_counter()
 
     bar = None
@@ -347,75 +600,81 @@ def train(
         bar.start()
         task = bar.add_task(progress, total=total, info="")
 
-    def run_eval(epoch: int) -> bool:
+    def run_eval(epoch: float) -> None:
+        """Evaluate every live member; those ``stop`` says are done leave ``live``."""
         if evaluate is None:
-            return False
-        row = {"step": result.steps, "epoch": epoch, **evaluate(model)}
-        model.train()
-        result.history.append(row)
-        if on_eval is not None:
-            on_eval(row)
-        if bar is not None:
-            shown = {k: v for k, v in row.items() if isinstance(v, float)}
-            bar.update(task, info=" ".join(f"{k}={v:.3f}" for k, v in list(shown.items())[:3]))
-        return bool(stop is not None and stop(row))
+            return
+        for i in list(live):
+            row = {"step": results[i].steps, "epoch": epoch, **evaluate(members[i])}
+            model.train()
+            results[i].history.append(row)
+            if on_eval is not None:
+                on_eval(row)
+            if bar is not None:
+                shown = {k: v for k, v in row.items() if isinstance(v, float)}
+                info = " ".join(f"{k}={v:.3f}" for k, v in list(shown.items())[:3])
+                bar.update(task, info=info)
+            if stop is not None and stop(row):
+                results[i].status = "stopped_early"
+                live.remove(i)
 
     try:
         model.train()
-        if cfg.eval_at_start and run_eval(0):
-            result.status = "stopped_early"
-            return result
+        if cfg.eval_at_start:
+            run_eval(0)
         epoch = 0
-        done = False
-        while not done and epoch < max(cfg.epochs, 1) and result.steps < total:
-            epoch_batches = first if epoch == 0 else batches(epoch)
-            for batch in epoch_batches:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(result.steps, total, cfg)
+        while live and epoch < max(cfg.epochs, 1) and step < total:
+            for i in live:
+                results[i].epochs_run = epoch + 1
+            for batch in first if epoch == 0 else batches(epoch):
+                for group, lr in zip(opt.param_groups, lrs, strict=True):
+                    group["lr"] = lr * lr_factor(step, total, cfg)
                 batch = to_device(batch, device)
                 with _autocast(cfg, device):
-                    loss, logs = loss_fn(model, batch)
-                value = float(loss.detach())
-                if not math.isfinite(value) or (cfg.max_loss is not None and value > cfg.max_loss):
-                    result.status = "diverged"
-                    result.message = f"loss {value} at step {result.steps}"
-                    done = True
+                    loss, _ = loss_fn(model, batch)
+                values = loss.detach().reshape(-1).tolist()
+                for i in list(live):
+                    if not math.isfinite(values[i]) or (
+                        cfg.max_loss is not None and values[i] > cfg.max_loss
+                    ):
+                        results[i].status = "diverged"
+                        results[i].message = f"loss {values[i]} at step {results[i].steps}"
+                        live.remove(i)
+                if not live:
                     break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.zero_grad(set_to_none=ens is None)  # an ensemble's grads are fixed views
+                # members are independent: the sum's gradient is each live member's own
+                with torch.autograd.enforce_grad_layout_policy(ens is None):
+                    (loss if ens is None else loss[live].sum()).backward()
+                for i, group in enumerate(groups):
+                    if i not in live:
+                        for p in group:
+                            p.grad = None  # frozen: the optimizer skips it
+                    elif cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
                 opt.step()
-                result.steps += 1
-                result.losses.append(value)
-                result.tokens += count_tokens(batch)
+                step += 1
+                tokens = count_tokens(batch)
+                for i in live:
+                    results[i].steps += 1
+                    results[i].losses.append(values[i])
+                    results[i].tokens += tokens
                 if bar is not None:
                     bar.update(task, advance=1)
-                if (
-                    cfg.eval_every_steps
-                    and result.steps % cfg.eval_every_steps == 0
-                    and run_eval(epoch + (result.steps % steps_per_epoch) / steps_per_epoch)
-                ):
-                    result.status = "stopped_early"
-                    done = True
+                if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+                    run_eval(epoch + (step % steps_per_epoch) / steps_per_epoch)
+                if not live or step >= total:
                     break
-                if result.steps >= total:
-                    break
-            else:
-                pass
             epoch += 1
-            result.epochs_run = epoch
-            if done:
-                break
-            if cfg.eval_every_epochs and epoch % cfg.eval_every_epochs == 0 and run_eval(epoch):
-                result.status = "stopped_early"
-                break
+            if live and cfg.eval_every_epochs and epoch % cfg.eval_every_epochs == 0:
+                run_eval(epoch)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
-        result.wall_time = time.perf_counter() - t0
+        for r in results:
+            r.wall_time = time.perf_counter() - t0
         if bar is not None:
             bar.stop()
         model.eval()
-    return result
+    return results if ens is not None else results[0]

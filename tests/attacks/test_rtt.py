@@ -337,6 +337,35 @@ def test_attack_model_curves_and_restores_weights(world: Dataset, fresh):
     assert back.to_dict() == a.to_dict()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_batched_grid_matches_lr_by_lr(world: Dataset, fresh, optimizer: str):
+    """The lr grid trained as one Ensemble gives each lr's own run; a diverging lr stays alone."""
+    model, tok = fresh
+    before = snapshot_state(model)
+    huge = 1e6 if optimizer == "adamw" else 1e10  # NaN loss after a step or two
+    cfg = RTTConfig(
+        lrs=[1e-3, huge, 3e-3] if optimizer == "adamw" else [1e-4, huge, 1e-3],
+        epochs=2, folds=["split_1", "split_3"], batch_size=8, optimizer=optimizer,
+        grad_clip=0.1, warmup_steps=3, retain_eval="end",
+    )  # fmt: skip
+    kw = dict(retain_questions=world.retain["retain_eval"])
+    seq = attack_model(model, tok, world, cfg, scoring_for(world), batched=False, **kw)
+    bat = attack_model(model, tok, world, cfg, scoring_for(world), batched=True, **kw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for fs, fb in zip(seq.folds, bat.folds, strict=True):
+        assert fb.before == fs.before
+        for rs, rb in zip(fs.runs, fb.runs, strict=True):
+            assert (rb.lr, rb.status, rb.steps) == (rs.lr, rs.status, rs.steps)
+            assert rb.status == ("diverged" if rb.lr == huge else "completed"), rb.message
+            assert [e.epoch for e in rb.epochs] == [e.epoch for e in rs.epochs]
+            for es, eb in zip(rs.epochs, rb.epochs, strict=True):
+                assert eb.v_correct == es.v_correct and eb.holdout_correct == es.holdout_correct
+                assert eb.retain_acc == es.retain_acc
+                assert eb.loss == pytest.approx(es.loss, rel=1e-4)
+    with pytest.raises(ConfigError, match="batched RTT impossible"):
+        attack_model(torch.nn.Sequential(torch.nn.LayerNorm(4)), tok, world, cfg, batched=True)
+
+
 @pytest.mark.parametrize(
     ("loss", "retain_eval"), [("mcq_answer", "end"), ("corpus", "none"), ("mcq", "epoch")]
 )

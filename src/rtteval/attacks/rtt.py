@@ -30,7 +30,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -43,7 +43,16 @@ from rtteval.errors import ConfigError, DataError
 from rtteval.metrics import CurvePoint
 from rtteval.models import restore_state, snapshot_state
 from rtteval.scoring import ScoringConfig, continuation_ids, evaluate_mcq, format_mcq
-from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
+from rtteval.train import (
+    Ensemble,
+    TrainConfig,
+    TrainResult,
+    encode_texts,
+    ensemble_unsupported,
+    lm_loss_fn,
+    make_batches,
+    train,
+)
 
 LossKind = Literal["auto", "mcq", "mcq_answer", "qa", "corpus"]
 LOSSES = ("auto", "mcq", "mcq_answer", "qa", "corpus")
@@ -760,6 +769,50 @@ def _acc(xs: Sequence[bool] | None) -> float | None:
     return (sum(xs) / len(xs)) if xs else None
 
 
+def _ensemble_for(
+    model: torch.nn.Module, lrs: Sequence[float], batched: bool | None
+) -> Ensemble | None:
+    """The lr grid as one batched model, or None to train the lrs one by one.
+
+    Automatic (``batched=None``): batched when there are several lrs, every
+    layer of the model has a grouped version and, on a GPU, the G copies with
+    gradients and optimizer state fit twice over in free memory.
+    """
+    if batched is False or (batched is None and len(lrs) < 2):
+        return None
+    reason = ensemble_unsupported(model)
+    device = next(model.parameters()).device
+    if reason is None and batched is None and device.type == "cuda":
+        need = 5 * len(lrs) * sum(p.numel() * p.element_size() for p in model.parameters())
+        if torch.cuda.mem_get_info(device)[0] < 2 * need:
+            reason = f"{len(lrs)} copies need ~{need / 2**30:.1f} GiB"
+    if reason is not None:
+        if batched:
+            raise ConfigError(f"batched RTT impossible: {reason}")
+        return None
+    return Ensemble(model, lrs)
+
+
+def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
+    """One run's curve: an :class:`EpochEval` per evaluated epoch, with its mean training loss."""
+    epochs = []
+    for row in res.history:
+        ep = int(row["epoch"])
+        ls = res.losses[(ep - 1) * steps_per_epoch : ep * steps_per_epoch]
+        epochs.append(
+            EpochEval(
+                ep,
+                float(row["v_acc"]),
+                list(row["_v"]),
+                row["holdout_acc"],
+                None if row["_h"] is None else list(row["_h"]),
+                row["retain_acc"],
+                float(np.mean(ls)) if ls else None,
+            )
+        )
+    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message)
+
+
 def attack_model(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -772,6 +825,7 @@ def attack_model(
     folds: Sequence[Fold] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    batched: bool | None = None,
 ) -> ModelAttack:
     """Run RTT on ``model`` for every fold x learning rate; the model is returned unchanged.
 
@@ -787,6 +841,11 @@ def attack_model(
     are re-checked with :func:`check_provenance` here, immediately before
     training, so an edited fold that leaks V fails with
     :class:`ProvenanceError` instead of producing a number.
+
+    ``batched`` trains a fold's learning rates together as one
+    :class:`rtteval.train.Ensemble` (same numbers, up to float rounding; the
+    runs then share one ``wall_time``): ``None`` decides automatically (see
+    :func:`_ensemble_for`), ``False`` runs them one by one, ``True`` insists.
     """
     cfg = (cfg or RTTConfig()).validate()
     if scoring is None:
@@ -801,6 +860,7 @@ def attack_model(
     t0 = time.perf_counter()
     was_training = model.training
     snapshot = snapshot_state(model)
+    ensemble = _ensemble_for(model, cfg.lrs, batched)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fold_results: list[FoldAttack] = []
     try:
@@ -836,65 +896,65 @@ def attack_model(
                     )
                 return _cache[epoch]
 
-            runs = []
-            for lr in cfg.lrs:
-                restore_state(model, snapshot)
-                n_evals = [0]
+            n_evals: dict[int, int] = {}  # per evaluated model, for retain_eval="end"
 
-                def evaluate(m: torch.nn.Module, _ev=ev, _n=n_evals):
-                    _n[0] += 1
-                    with_retain = cfg.retain_eval == "epoch" or (
-                        cfg.retain_eval == "end" and _n[0] == cfg.epochs
-                    )
-                    res = _ev(m, ["v", "h", "r"] if with_retain else ["v", "h"])
-                    return {
-                        "v_acc": _acc(res["v"]),
-                        "holdout_acc": _acc(res.get("h")),
-                        "retain_acc": _acc(res.get("r")),
-                        "_v": res["v"],
-                        "_h": res.get("h"),
-                    }
-
-                tcfg = TrainConfig(
-                    lr=lr,
-                    epochs=cfg.epochs,
-                    optimizer=cfg.optimizer,
-                    weight_decay=cfg.weight_decay,
-                    warmup_steps=cfg.warmup_steps,
-                    schedule="constant",
-                    grad_clip=cfg.grad_clip,
-                    seed=cfg.seed,
-                    eval_every_epochs=1,
+            def evaluate(m: torch.nn.Module, _ev=ev, _n=n_evals):
+                _n[id(m)] = _n.get(id(m), 0) + 1
+                with_retain = cfg.retain_eval == "epoch" or (
+                    cfg.retain_eval == "end" and _n[id(m)] == cfg.epochs
                 )
-                res = train(
-                    model,
+                res = _ev(m, ["v", "h", "r"] if with_retain else ["v", "h"])
+                return {
+                    "v_acc": _acc(res["v"]),
+                    "holdout_acc": _acc(res.get("h")),
+                    "retain_acc": _acc(res.get("r")),
+                    "_v": res["v"],
+                    "_h": res.get("h"),
+                }
+
+            tcfg = TrainConfig(
+                lr=cfg.lrs[0],
+                epochs=cfg.epochs,
+                optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay,
+                warmup_steps=cfg.warmup_steps,
+                schedule="constant",
+                grad_clip=cfg.grad_clip,
+                seed=cfg.seed,
+                eval_every_epochs=1,
+            )
+            what = f"RTT {label} V={fold.v}"
+            if ensemble is not None:  # every lr at once; the model stays at the snapshot
+                ensemble.reset_(model)
+                bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
+                results = train(
+                    ensemble,
                     batches,
                     lm_loss_fn,
                     tcfg,
                     evaluate=evaluate,
-                    progress=f"RTT {label} V={fold.v} lr={lr:g}" if progress else None,
+                    progress=bar if progress else None,
                 )
-                spe = max(1, len(batches(0)))
-                epochs = []
-                for row in res.history:
-                    ep = int(row["epoch"])
-                    ls = res.losses[(ep - 1) * spe : ep * spe]
-                    epochs.append(
-                        EpochEval(
-                            ep,
-                            float(row["v_acc"]),
-                            list(row["_v"]),
-                            row["holdout_acc"],
-                            None if row["_h"] is None else list(row["_h"]),
-                            row["retain_acc"],
-                            float(np.mean(ls)) if ls else None,
+            else:
+                results = []
+                for lr in cfg.lrs:
+                    restore_state(model, snapshot)
+                    n_evals.clear()
+                    results.append(
+                        train(
+                            model,
+                            batches,
+                            lm_loss_fn,
+                            replace(tcfg, lr=lr),
+                            evaluate=evaluate,
+                            progress=f"{what} lr={lr:g}" if progress else None,
                         )
                     )
-                runs.append(
-                    RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message)
-                )
-                curve = " ".join(f"{e.v_acc:.2f}" for e in epochs)
-                say(f"RTT {label} V={fold.v} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
+            runs = []
+            for lr, res in zip(cfg.lrs, results, strict=True):
+                runs.append(_run_result(lr, res, max(1, len(batches(0)))))
+                curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
+                say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
             fold_results.append(
                 FoldAttack(
                     v=fold.v,
