@@ -206,3 +206,21 @@ def test_cli_diverged_run_writes_metrics_but_no_model(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "diverged" and not metrics["model_written"]
     assert not (out / "model.safetensors").exists()
+
+
+def test_divergence_cap_is_relative_to_the_first_loss(tiny):
+    """RMU's loss scale depends on the model: a large but steady loss is not divergence."""
+    model, tok, ds = tiny
+    start = snapshot_state(model)
+    try:
+        # a steering coefficient this large makes the first RMU loss ~1e6, far above any absolute cap
+        big = UnlearnConfig(method="rmu", max_steps=3, eval_every_steps=3, lr=1e-5,
+                            hparams={"steering_coef": 3000.0, "steering_rel": None})  # fmt: skip
+        res = unlearn(model, tok, ds, big, progress=False)
+        assert res.status != "diverged", res.message
+        restore_state(model, start)
+        capped = UnlearnConfig(**{**big.to_dict(), "max_loss": 1e4})
+        res = unlearn(model, tok, ds, capped, progress=False)
+        assert res.status == "diverged" and "max_loss 10000" in res.message
+    finally:
+        restore_state(model, start)

@@ -60,8 +60,12 @@ class UnlearnConfig:
 
     ``hparams`` overrides the method's own hyperparameters (``retain_coef``,
     ``steering_coef``, ``alpha``, ``layer``, ``beta``, ``delta`` ...).
-    ``max_loss``: a step whose loss exceeds it in absolute value counts as
-    divergence (RMU's loss is O(c²/D), the NLL-based ones O(10)).
+    ``max_loss_ratio``: a step whose |loss| exceeds this multiple of the
+    first step's |loss| (taken as at least 100, so the NLL-based methods
+    keep a cap of 1e4) counts as divergence; relative, because a method's
+    loss scale depends on the model (RMU's MSE grows with the activation
+    norm: one tiny model started at 3e4, another at 2e3).
+    ``max_loss``, if set, is an absolute cap as well.
     ``frozen``: decoder-layer indices and/or parameter-name substrings kept
     fixed.  Since ``None`` means "default", a negative ``target_forget_acc``
     turns early stopping off and a large ``max_steps`` lifts the step cap.
@@ -82,7 +86,8 @@ class UnlearnConfig:
     frozen: list[int | str] | None = None
     eval_every_steps: int = 10
     target_forget_acc: float | None = None
-    max_loss: float = 1e4
+    max_loss_ratio: float = 100.0
+    max_loss: float | None = None
     seed: int = 0
     scale: str | None = None
 
@@ -367,9 +372,19 @@ def unlearn(
         loss, logs = loss_fn(m, batch)
         state["logs"] = logs
         value = float(loss.detach())
-        if math.isfinite(value) and abs(value) > rcfg.max_loss:
-            state["note"] = f"|loss| {value:.4g} exceeded max_loss {rcfg.max_loss:g}"
-            return loss * math.inf, logs  # train() records a non-finite loss as divergence
+        if not math.isfinite(value):
+            return loss, logs  # train() records a non-finite loss as divergence
+        first = state.setdefault("first_loss", max(abs(value), 100.0))
+        limit = rcfg.max_loss_ratio * first
+        if rcfg.max_loss is not None:
+            limit = min(limit, rcfg.max_loss)
+        if abs(value) > limit:
+            state["note"] = (
+                f"|loss| {value:.4g} exceeded {limit:.4g} "
+                f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first:.4g}"
+                + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
+            )
+            return loss * math.inf, logs
         return loss, logs
 
     def stop(row: dict[str, Any]) -> bool:
