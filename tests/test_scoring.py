@@ -116,3 +116,17 @@ def test_single_pass_likelihood_equals_the_general_path(setup):
         fast = score_likelihood(model, tok, qs, cfg)
         slow = score_likelihood(model, tok, qs, cfg, allow_single_pass=False)
         torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_single_token_items_are_memoized_per_prompt_and_questions(setup):
+    from rtteval.scoring import single_token_items
+
+    qs, _, tok, _ = setup
+    cfg = ScoringConfig(mode="likelihood")
+    first = single_token_items(tok, qs, cfg)
+    assert single_token_items(tok, list(qs), cfg) is first  # RTT re-scores equal lists
+    other = single_token_items(
+        tok, qs, ScoringConfig(mode="likelihood", likelihood_prompt="{question}")
+    )
+    assert other is not None and other[0] != first[0]
+    assert single_token_items(tok, qs[:3], cfg)[1] == first[1][:3]

@@ -23,6 +23,7 @@ it, so scores do not depend on batch size or padding side.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -198,6 +199,12 @@ def continuation_ids(
     return ctx, tokenizer.encode(continuation, add_special_tokens=False)
 
 
+#: :func:`single_token_items` per tokenizer, then per (prompt, questions): RTT scores the same
+#: questions after every epoch of every run, and tokenizing them each time cost about a tenth of
+#: the attack on tiny-1m.
+_ITEMS_MEMO: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict] = weakref.WeakKeyDictionary()
+
+
 def single_token_items(
     tokenizer: PreTrainedTokenizerBase, questions: Sequence[MCQ], cfg: ScoringConfig
 ) -> tuple[list[list[int]], list[list[int]]] | None:
@@ -205,12 +212,25 @@ def single_token_items(
 
     Then one forward pass per question gives every choice's log-probability
     (the world's years under a word-level tokenizer), instead of one pass per
-    choice; ``None`` when any choice needs more than one token.
+    choice; ``None`` when any choice needs more than one token.  Memoized
+    (the lists are shared: do not modify them).
     """
+    memo = _ITEMS_MEMO.setdefault(tokenizer, {})
+    key = (cfg.likelihood_prompt, tuple(questions))
+    if key not in memo:
+        if len(memo) >= 64:
+            memo.clear()
+        memo[key] = _single_token_items(tokenizer, questions, cfg.likelihood_prompt)
+    return memo[key]
+
+
+def _single_token_items(
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[MCQ], template: str
+) -> tuple[list[list[int]], list[list[int]]] | None:
     ctxs: list[list[int]] = []
     conts: list[list[int]] = []
     for q in questions:
-        prompt = cfg.likelihood_prompt.format(question=q.question)
+        prompt = template.format(question=q.question)
         ctx0: list[int] | None = None
         ids = []
         for c in q.choices:
