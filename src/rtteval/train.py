@@ -14,6 +14,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
@@ -489,6 +490,15 @@ class Ensemble(torch.nn.Module):
             out.append(flat)
         return out
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, the gradients landing in the members' flat ``.grad`` buffers.
+
+        Those are strided views of one buffer by design; torch flags such a layout (once).
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*gradient layout contract")
+            loss.backward()
+
     def train(self, mode: bool = True) -> Ensemble:
         self.batched.train(mode)
         return super().train(mode)
@@ -653,9 +663,10 @@ def train(
                 if not live:
                     break
                 opt.zero_grad(set_to_none=ens is None)  # an ensemble's grads are fixed views
-                # members are independent: the sum's gradient is each live member's own
-                with torch.autograd.enforce_grad_layout_policy(ens is None):
-                    (loss if ens is None else loss[live].sum()).backward()
+                if ens is None:
+                    loss.backward()
+                else:  # members are independent: the sum's gradient is each member's own
+                    ens.backward(loss[live].sum())
                 for i, group in enumerate(groups):
                     if i not in live:
                         for p in group:
