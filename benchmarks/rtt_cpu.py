@@ -116,17 +116,19 @@ def main() -> None:
             base[(fold.v, lr)] = curve[-1]
     t_base, c_base = time.perf_counter() - t0, time.process_time() - c0
 
-    diffs = [abs(ours[k] - base[k]) for k in base]
+    def agreement(a: dict, b: dict) -> str:
+        d = [abs(a[k] - b[k]) for k in b]
+        return f"|diff| per run: mean {sum(d) / len(d):.3f}, max {max(d):.3f}"
+
     mean_ours = sum(ours[k] for k in base) / len(base)
     mean_base = sum(base.values()) / len(base)
     print(
         f"final V accuracy, mean over {len(base)} runs: rtteval {mean_ours:.3f}  baseline {mean_base:.3f}  "
-        f"(max |diff| per run {max(diffs):.3f})"
+        f"({agreement(ours, base)})"
     )
     mode = "lrs one by one" if args.sequential else "lr grid batched"
     if args.compare_sequential:
-        same = max(abs(ours[k] - seq[k]) for k in seq)
-        print(f"batched vs one by one: max |diff| of final V accuracy per run {same:.3f}")
+        print(f"final V accuracy, batched vs lrs one by one: {agreement(ours, seq)}")
         print(f"rtteval, lrs one by one: {t_seq:.1f} s (CPU {c_seq:.1f} s)")
     print(f"baseline (paper-shaped) time: {t_base:.1f} s (CPU {c_base:.1f} s)")
     print(f"rtteval time ({mode}): {t_rtteval:.1f} s (CPU {c_rtteval:.1f} s)")

@@ -398,12 +398,13 @@ def ensemble_unsupported(model: torch.nn.Module) -> str | None:
 class Ensemble(torch.nn.Module):
     """Copies of one model, member g to be trained at ``lrs[g]``, run as one batched model.
 
-    Why: RTT fine-tunes one model on the same batches at several learning rates.  For a small
-    model each step's cost is mostly per-operation overhead, so one pass over G members'
-    stacked weights (``bmm`` instead of ``mm``) costs much less than G passes.  Members never
+    Why: RTT fine-tunes one model on the same batches at several learning rates.  A step of a
+    small model is hundreds of small operations; one pass over the G members' stacked weights
+    runs each of them once on G-times larger tensors (``bmm`` instead of ``mm``), which costs
+    less than G passes (tiny-1m, batch 4, G=3: 1.4x less; docs/performance.md).  Members never
     mix: every operation of the batched pass acts on one member's rows or one member's
-    matrix, so member g's loss, gradient and update are those of training it alone
-    (tests/test_train.py compares the two).
+    matrix, so member g's loss, gradient and update are those of training it alone, up to
+    float rounding (tests/test_train.py compares the two).
 
     * ``forward`` takes one model's inputs and returns logits ``[G, batch, time, vocab]``.
     * ``members[g]`` is a plain copy of the model whose parameters are views of member g's
