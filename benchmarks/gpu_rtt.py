@@ -123,6 +123,13 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
+def _mfu_mem(out: dict) -> tuple[str, str]:
+    """MFU and peak memory of a measurement as printed ("n/a" where not measured)."""
+    mfu = f"{out['mfu']:.3f}" if out["mfu"] is not None else "n/a"
+    mem = f"{out['peak_mem_gib']:.1f} GiB" if out["peak_mem_gib"] is not None else "n/a"
+    return mfu, mem
+
+
 class Recorder:
     """The results dict, rewritten atomically to ``path`` after every change."""
 
@@ -350,8 +357,7 @@ class Bench:
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(losses[-1], 4) if losses else None,
         }
-        mfu = f"{out['mfu']:.3f}" if out["mfu"] is not None else "n/a"
-        mem = f"{out['peak_mem_gib']:.1f} GiB" if out["peak_mem_gib"] is not None else "n/a"
+        mfu, mem = _mfu_mem(out)
         log(
             f"{label}: {step_s * 1e3:.1f} ms/step, {out['tokens_per_s']:.0f} tokens/s "
             f"(padding eff. {out['padding_efficiency']:.2f}), {out['tflops']:.1f} TFLOP/s, "
@@ -505,8 +511,7 @@ class Bench:
             **r,
             "peak_mem_gib": self.peak_mem_gib(),
         }
-        mfu = f"{out['mfu']:.3f}" if out["mfu"] is not None else "n/a"
-        mem = f"{out['peak_mem_gib']:.1f} GiB" if out["peak_mem_gib"] is not None else "n/a"
+        mfu, mem = _mfu_mem(out)
         log(
             f"eval bs{batch_size} {mode}: {out['batch_s_mean'] * 1e3:.1f} ms/batch, "
             f"{out['tokens_per_s']:.0f} tokens/s, {out['tflops']:.1f} TFLOP/s, MFU {mfu}, "
