@@ -124,9 +124,10 @@ def _attack_blocks(results: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
 
     build_results lists a dataset's originals first and merge_results
     concatenates datasets, so a block starts wherever an ``original`` follows
-    a non-original.  This is needed because a record's own ``dataset`` is the
-    ModelAttack's (the data directory's name), which need not be the summary
-    label: "world" and "world-ft" may both come from a directory "world".
+    a non-original.  Records written since 2026-11-28 carry the summary label
+    in ``dataset``; results.json files written before hold the data
+    directory's name there ("world" and "world-ft" may both say "data"), so
+    the blocks, not the field, are what works for both.
     """
     blocks: list[list[dict[str, Any]]] = []
     prev = None
