@@ -180,7 +180,7 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         model, deps = model_source(sc, src, ref)
         for k in [None, *sc.t_sizes]:
             dataset = sc.dataset if k is None else f"{sc.dataset} |T|={k}"
-            tag = sc.tag if k is None else sc.tag.replace(sc.dataset, dataset, 1)
+            tag = f"{dataset} s{sc.seed}"
             keys = []
             for fold in sc.folds:
                 j = add(
