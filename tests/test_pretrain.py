@@ -84,3 +84,25 @@ def test_finetune_cli(pretrained_tiny, tmp_path, cli):
     out = json.loads(r.stdout)
     assert out["kind"] == "finetuned" and out["forget_acc"] > out["before"]["forget_acc"] + 0.3
     assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
+def test_pretraining_anneals_after_the_constant_phase(pretrained_tiny, tiny_world, tmp_path):
+    """Warmup-stable-decay: ``anneal_epochs`` more epochs after the target, lr decaying to 0."""
+    from rtteval.pretrain import PretrainConfig, pretrain
+
+    meta = json.loads((pretrained_tiny["original"] / "pretrain.json").read_text())
+    per_epoch = meta["train"]["steps"] // meta["train"]["epochs_run"]
+    assert meta["config"]["anneal_epochs"] == 10
+    assert meta["anneal"]["steps"] == 10 * per_epoch
+    assert meta["anneal"]["after"]["forget_acc"] == meta["forget_acc"] >= 0.9
+
+    cfg = dict(model_preset="micro", batch_size=32, max_epochs=1, target_accuracy=1.0)
+    plain = pretrain(
+        tiny_world, tmp_path / "a", PretrainConfig(**cfg, anneal_epochs=0), progress=False
+    )
+    assert "anneal" not in plain
+    annealed = pretrain(
+        tiny_world, tmp_path / "b", PretrainConfig(**cfg, anneal_epochs=2), progress=False
+    )
+    assert annealed["anneal"]["steps"] == 2 * annealed["train"]["steps"]
+    assert annealed["anneal"]["status"] == "completed"

@@ -76,10 +76,13 @@ def pretrain(
     batch_size: Annotated[int, typer.Option()] = 64,
     max_epochs: Annotated[int, typer.Option()] = 120,
     target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
+    anneal_epochs: Annotated[
+        int, typer.Option(help="then this many epochs with the lr decaying linearly to 0")
+    ] = 10,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
-    """Pretrain a tiny Llama from scratch on a world until the facts are known."""
+    """Pretrain a tiny Llama from scratch on a world until the facts are known, then anneal."""
     import torch
 
     from rtteval.pretrain import PretrainConfig
@@ -93,6 +96,7 @@ def pretrain(
         batch_size=batch_size,
         max_epochs=max_epochs,
         target_accuracy=target,
+        anneal_epochs=anneal_epochs,
         seed=seed,
         exclude_forget=exclude_forget,
     )

@@ -73,6 +73,7 @@ class PretrainSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     target_accuracy: float = Field(0.97, gt=0, le=1)
     eval_every_epochs: int = Field(2, ge=1)
+    anneal_epochs: int = Field(10, ge=0)
 
 
 class TinyModel(_Strict):

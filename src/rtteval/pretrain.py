@@ -8,7 +8,7 @@ that "never learned + RTT" is a fair floor for the attack.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class PretrainConfig:
     eval_every_epochs: int = 2
     seed: int = 0
     exclude_forget: bool = False
+    anneal_epochs: int = 10
 
 
 def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
@@ -109,8 +110,14 @@ def pretrain(
 ) -> dict[str, Any]:
     """Train a tiny Llama from scratch on ``data_dir`` and save it to ``out_dir``.
 
-    Stops as soon as every evaluated set reaches ``target_accuracy`` (for the
-    control: the retain set; its forget accuracy should stay at chance).
+    Warmup-stable-decay, as modern LM pretraining does: the constant-lr phase
+    stops as soon as every evaluated set reaches ``target_accuracy`` (for the
+    control: the retain set; its forget accuracy should stay at chance), then
+    ``anneal_epochs`` more epochs decay the lr linearly to zero.  The decay
+    matters for unlearning: a model stopped at the constant lr holds its
+    facts so loosely that any update (even fine-tuning on other facts of the
+    same world) erases unrehearsed ones, so no method could unlearn the
+    forget facts without wrecking held-out retain facts (docs/methods.md).
     """
     cfg = cfg or PretrainConfig()
     dataset = load_dataset(data_dir)
@@ -164,6 +171,7 @@ def pretrain(
         label="pretrain control" if cfg.exclude_forget else "pretrain",
         progress=progress,
         out_dir=out_dir,
+        anneal_epochs=cfg.anneal_epochs,
         metrics={
             "kind": "control" if cfg.exclude_forget else "original",
             "data": str(Path(data_dir)),
@@ -186,8 +194,14 @@ def _learn_and_save(
     progress: bool,
     out_dir: str | Path,
     metrics: dict[str, Any],
+    anneal_epochs: int = 0,
 ) -> dict[str, Any]:
-    """Train until the facts are known, save the model and its ``pretrain.json``."""
+    """Train until the facts are known, anneal, save the model and its ``pretrain.json``.
+
+    The anneal phase is the same loop again on the same data, its lr decaying
+    linearly from ``tcfg.lr`` to zero over ``anneal_epochs`` epochs; its
+    batches continue the epoch numbering, so it sees fresh shuffles.
+    """
     result = train(
         model,
         batches,
@@ -198,6 +212,21 @@ def _learn_and_save(
         progress=label if progress else None,
     )
     final = result.history[-1] if result.history else evaluate(model)
+    anneal = None
+    if anneal_epochs > 0 and result.status != "diverged":
+        offset = result.epochs_run
+        acfg = replace(
+            tcfg, epochs=anneal_epochs, warmup_steps=0, schedule="linear", min_lr_ratio=0.0,
+            eval_every_epochs=None, eval_every_steps=None, eval_at_start=False,
+        )  # fmt: skip
+        anneal = train(
+            model,
+            lambda e: batches(offset + e),
+            lm_loss_fn,
+            acfg,
+            progress=f"{label}: anneal" if progress else None,
+        )
+        final = evaluate(model)
     out = Path(out_dir)
     save_model(model, tokenizer, out)
     metrics = {
@@ -208,6 +237,8 @@ def _learn_and_save(
         "reached_target": result.status == "stopped_early",
         "train": result.to_dict(),
     }
+    if anneal is not None:
+        metrics["anneal"] = {**anneal.to_dict(), "after": final}
     write_json_atomic(out / "pretrain.json", metrics)
     return metrics
 

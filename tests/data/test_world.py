@@ -75,6 +75,18 @@ def test_counts_match_config(tiny: World) -> None:
     assert kinds == {"person": 4, "event": 4}
 
 
+def test_forget_domain_can_differ_from_the_retain_domain() -> None:
+    """``forget_frac_people`` sets the forget splits' mix apart from the retain files'."""
+    w = make_world(WorldConfig(preset="tiny", seed=3, frac_people=1.0, forget_frac_people=0.0))
+    for name, qs in w.questions.items():
+        want = "event" if name.startswith("split_") else "person"
+        assert {q.extra["kind"] for q in qs} == {want}, name
+    mixed = make_world(WorldConfig(preset="tiny", seed=3, frac_people=1.0))
+    assert {q.extra["kind"] for q in mixed.questions["split_0"]} == {"person"}  # None: frac_people
+    with pytest.raises(ValueError):
+        WorldConfig(preset="tiny", forget_frac_people=1.5)
+
+
 def test_mcq_fields_and_choices(tiny: World) -> None:
     rec = tiny.questions["split_0"][0].to_json()
     assert list(rec) == [

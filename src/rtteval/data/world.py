@@ -245,6 +245,7 @@ class WorldConfig(BaseModel):
     n_retain_eval: int = Field(100, ge=1)
     n_dev: int = Field(10, ge=1)
     frac_people: float = Field(0.5, ge=0.0, le=1.0)
+    forget_frac_people: float | None = Field(None, ge=0.0, le=1.0)
     n_paraphrases: int = Field(3, ge=1, le=len(PERSON_TEMPLATES))
     qa_sentence: bool = True
     person_years: tuple[int, int] = (1900, 2009)
@@ -520,7 +521,10 @@ def make_world(config: WorldConfig) -> World:
     facts: dict[str, list[_Fact]] = {}
     for name in config.question_files:
         n = config.size(name)
-        n_people = round(n * config.frac_people)
+        frac = config.frac_people
+        if name.startswith("split_") and config.forget_frac_people is not None:
+            frac = config.forget_frac_people
+        n_people = round(n * frac)
         kinds: list[Literal["person", "event"]] = ["person"] * n_people + ["event"] * (n - n_people)
         rng.shuffle(kinds)
         facts[name] = []

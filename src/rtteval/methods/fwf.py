@@ -18,5 +18,7 @@ class FixedWrongFact(RandomIncorrectAnswer):
 
     corpus = "fixed_wrong_corpus"
     defaults = RandomIncorrectAnswer.defaults | {
-        "tiny": TINY_TRAIN | dict(lr=1e-3, retain_coef=3.0)
+        # measured on the annealed tiny-1m (docs/methods.md): stops at forget
+        # 0.32 with held-out retain 0.96 of 1.00; at lr 1e-3 retain ends 5+ lower
+        "tiny": TINY_TRAIN | dict(lr=3e-4, retain_coef=1.0, target_forget_acc=0.35)
     }

@@ -82,7 +82,8 @@ class RMU(Method):
             param_layers=None,
             modules="mlp.down_proj",
             steering_coef=None,
-            steering_rel=4.0,
+            # 4 stalled at forget 0.38 on the annealed tiny-1m; 8 reaches 0.34
+            steering_rel=8.0,
             alpha=1.0,
         ),
         "paper": PAPER_TRAIN
@@ -99,7 +100,7 @@ class RMU(Method):
         ),
     }
     grid = {
-        "tiny": {"lr": [1e-3, 3e-3], "alpha": [1.0, 2.0], "steering_rel": [2.0, 4.0]},
+        "tiny": {"lr": [1e-3, 3e-3], "alpha": [1.0, 2.0], "steering_rel": [4.0, 8.0]},
         "paper": {"alpha": [100.0, 1200.0], "steering_coef": [6.5, 20.0]},
     }
 

@@ -105,7 +105,7 @@ def pretrain_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
     m = pretrain(data, job_dir / "model", cfg, progress=False)
     print(f"pretrain {config['role']}: forget {m['forget_acc']} retain {m['retain_acc']}")
     metrics = {k: m[k] for k in ("kind", "forget_acc", "retain_acc", "reached_target", "n_params")}
-    metrics["wall_time"] = m["train"]["wall_time"]
+    metrics["wall_time"] = m["train"]["wall_time"] + m.get("anneal", {}).get("wall_time", 0.0)
     return JobOutput(metrics, {"model": Path("model")})
 
 

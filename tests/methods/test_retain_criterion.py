@@ -1,0 +1,75 @@
+"""The issue's retain criterion on the embedded default: forget ≤ 0.35, retain within 5 points.
+
+This needs the demo's model, not the micro fixture: a micro Llama holds its
+16 held-out retain facts so loosely that losing one (6 points) is the norm,
+and on the ``tiny`` world one fact is already more than 5 points.  So the
+module pretrains ``tiny-1m`` on the ``small`` world (100 held-out retain
+facts) with the default schedule, annealing included, about 90 s on two
+threads, and runs each method's tiny default on it.
+
+Measured (docs/methods.md): FWF meets the criterion; GD, RIA, RMU, NPO and
+SimNPO reach the forget level but lose more than 5 points of held-out retain
+accuracy.  Those are expected failures that report their numbers, so the day
+a default meets the criterion the test says so (XPASS) instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtteval.data import load_dataset
+from rtteval.data.world import write_world
+from rtteval.models import load_model, restore_state, snapshot_state
+from rtteval.pretrain import PretrainConfig, pretrain
+from rtteval.unlearn import UnlearnConfig, unlearn
+
+pytestmark = pytest.mark.slow
+
+MEETS = ["fwf"]
+FALLS_SHORT = ["gd", "ria", "rmu"]
+
+
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory: pytest.TempPathFactory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs one process; this model is worth both cores
+    try:
+        root = tmp_path_factory.mktemp("criterion")
+        world = write_world(root / "world", seed=0, preset="small")
+        m = pretrain(world, root / "orig", PretrainConfig(model_preset="tiny-1m"), progress=False)
+        assert m["anneal"]["steps"] > 0 and m["retain_acc"] >= 0.97, m
+        model, tok = load_model(root / "orig", device="cpu")
+        yield model, tok, load_dataset(world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(default_model, name: str):
+    model, tok, ds = default_model
+    start = snapshot_state(model)
+    try:
+        return unlearn(model, tok, ds, UnlearnConfig(method=name), progress=False)
+    finally:
+        restore_state(model, start)
+
+
+@pytest.mark.parametrize("name", MEETS)
+def test_default_meets_the_retain_criterion(default_model, name):
+    res = _run(default_model, name)
+    assert res.status == "stopped_early", res.message
+    assert res.after["forget_acc"] <= 0.35
+    assert res.after["retain_acc"] >= res.before["retain_acc"] - 0.05, (res.before, res.after)
+
+
+@pytest.mark.parametrize("name", FALLS_SHORT)
+def test_default_forgets_but_loses_retain(default_model, name):
+    res = _run(default_model, name)
+    assert res.status == "stopped_early", res.message
+    assert res.after["forget_acc"] <= 0.35
+    assert res.after["retain_acc"] >= 0.3  # above chance (0.25): not a destroyed model
+    if res.after["retain_acc"] < res.before["retain_acc"] - 0.05:
+        pytest.xfail(
+            f"{name}: forget {res.after['forget_acc']:.3f}, retain "
+            f"{res.before['retain_acc']:.3f} -> {res.after['retain_acc']:.3f} (docs/methods.md)"
+        )
