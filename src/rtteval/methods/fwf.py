@@ -18,7 +18,8 @@ class FixedWrongFact(RandomIncorrectAnswer):
 
     corpus = "fixed_wrong_corpus"
     defaults = RandomIncorrectAnswer.defaults | {
-        # measured on the annealed tiny-1m (docs/methods.md): stops at forget
-        # 0.32 with held-out retain 0.96 of 1.00; at lr 1e-3 retain ends 5+ lower
-        "tiny": TINY_TRAIN | dict(lr=3e-4, retain_coef=1.0, target_forget_acc=0.35)
+        # measured on the annealed tiny-1m (docs/methods.md): held-out retain
+        # when forget reaches 0.35 is 0.97 at lr 1e-4 (320 steps), 0.95 at
+        # 3e-4, 0.92 at 1e-3; the slowest needs more than the shared 300 steps
+        "tiny": TINY_TRAIN | dict(lr=1e-4, retain_coef=1.0, target_forget_acc=0.35, max_steps=600)
     }
