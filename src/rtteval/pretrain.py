@@ -211,7 +211,6 @@ def _learn_and_save(
         stop=stop,
         progress=label if progress else None,
     )
-    final = result.history[-1] if result.history else evaluate(model)
     anneal = None
     if anneal_epochs > 0 and result.status != "diverged":
         offset = result.epochs_run
@@ -226,7 +225,7 @@ def _learn_and_save(
             acfg,
             progress=f"{label}: anneal" if progress else None,
         )
-        final = evaluate(model)
+    final = result.history[-1] if result.history and anneal is None else evaluate(model)
     out = Path(out_dir)
     save_model(model, tokenizer, out)
     metrics = {

@@ -522,7 +522,7 @@ def make_world(config: WorldConfig) -> World:
     for name in config.question_files:
         n = config.size(name)
         frac = config.frac_people
-        if name.startswith("split_") and config.forget_frac_people is not None:
+        if name in config.forget_splits and config.forget_frac_people is not None:
             frac = config.forget_frac_people
         n_people = round(n * frac)
         kinds: list[Literal["person", "event"]] = ["person"] * n_people + ["event"] * (n - n_people)
