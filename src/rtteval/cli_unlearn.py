@@ -94,6 +94,16 @@ def unlearn_cmd(
     max_steps: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
+    adam_eps: Annotated[
+        float | None, typer.Option(help="AdamW's ε (default: 1e-4 tiny models, else 1e-8)")
+    ] = None,
+    train_only: Annotated[
+        str | None,
+        typer.Option(
+            help="train only parameters whose name contains one of these comma-separated "
+            "substrings, or 'all' (default: embed_tokens on tiny models, else all)"
+        ),
+    ] = None,
     retain_coef: Annotated[float | None, typer.Option(help="λ, weight of the retain NLL")] = None,
     steering_coef: Annotated[float | None, typer.Option(help="RMU: c (absolute)")] = None,
     alpha: Annotated[float | None, typer.Option(help="RMU: retain weight α")] = None,
@@ -136,8 +146,14 @@ def unlearn_cmd(
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ConfigError(f"{flags} does not apply to method {cls.name!r}")
+    only = None
+    if train_only is not None:
+        only = [] if train_only.strip() == "all" else [s.strip() for s in train_only.split(",")]
+        if any(not s for s in only):
+            raise ConfigError(f"--train-only {train_only!r}: empty name in the list")
     cfg = UnlearnConfig(
         method=method, hparams=hparams, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
+        adam_eps=adam_eps, train_only=only,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         eval_every_steps=eval_every_steps, target_forget_acc=target_forget_acc, seed=seed,
     )  # fmt: skip

@@ -97,6 +97,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "lion"] = "adamw"
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
+    #: AdamW's ε.  Tiny-model unlearning raises it (1e-4, docs/methods.md):
+    #: a tied embedding's rows of tokens absent from a batch get only the
+    #: softmax's tail gradient, which Adam's 1/√v would scale up to full steps.
+    adam_eps: float = 1e-8
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.1
@@ -146,7 +150,9 @@ class TrainResult:
 def make_optimizer(params: list[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
     """``params``: tensors, or param-group dicts (an Ensemble: one group per member)."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "lion":
         return Lion(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adamw or lion")

@@ -43,7 +43,14 @@ from transformers import PreTrainedTokenizerBase
 from rtteval.data import MCQ, Dataset, load_dataset
 from rtteval.errors import ConfigError
 from rtteval.methods import get_method
-from rtteval.methods.base import Method, UnlearnContext, frozen_filter, model_scale
+from rtteval.methods.base import (
+    Method,
+    UnlearnContext,
+    combine_filters,
+    frozen_filter,
+    model_scale,
+    only_filter,
+)
 from rtteval.models import restore_state, save_model, snapshot_state
 from rtteval.pretrain import scoring_for
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
@@ -51,7 +58,15 @@ from rtteval.store import write_json_atomic
 from rtteval.train import Batch, TrainConfig, encode_texts, make_batches, train
 
 #: UnlearnConfig fields that a method's per-scale defaults fill when left as None.
-TRAIN_DEFAULT_KEYS = ("lr", "optimizer", "epochs", "max_steps", "target_forget_acc")
+TRAIN_DEFAULT_KEYS = (
+    "lr",
+    "optimizer",
+    "adam_eps",
+    "epochs",
+    "max_steps",
+    "target_forget_acc",
+    "train_only",
+)
 
 
 @dataclass
@@ -67,7 +82,10 @@ class UnlearnConfig:
     norm: one tiny model started at 3e4, another at 2e3).
     ``max_loss``, if set, is an absolute cap as well.
     ``frozen``: decoder-layer indices and/or parameter-name substrings kept
-    fixed.  Since ``None`` means "default", a negative ``target_forget_acc``
+    fixed.  ``train_only``: train only parameters whose name contains one of
+    these substrings (``[]``: all; tiny models default to
+    ``["embed_tokens"]``, docs/methods.md says why).  ``adam_eps``: AdamW's ε
+    (tiny default 1e-4, else torch's 1e-8).  Since ``None`` means "default", a negative ``target_forget_acc``
     turns early stopping off and a large ``max_steps`` lifts the step cap.
     ``scale`` (``tiny``/``paper``) picks the defaults; ``None``: by parameter count.
     """
@@ -76,6 +94,7 @@ class UnlearnConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     lr: float | None = None
     optimizer: Literal["adamw", "lion"] | None = None
+    adam_eps: float | None = None
     epochs: int | None = None
     max_steps: int | None = None
     batch_size: int = 32
@@ -84,6 +103,7 @@ class UnlearnConfig:
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
     frozen: list[int | str] | None = None
+    train_only: list[str] | None = None
     eval_every_steps: int = 10
     target_forget_acc: float | None = None
     max_loss_ratio: float = 100.0
@@ -102,7 +122,7 @@ def resolve_config(cfg: UnlearnConfig, method: Method, scale: str) -> UnlearnCon
     out = replace(cfg, method=method.name, scale=scale)
     for k in TRAIN_DEFAULT_KEYS:
         if getattr(out, k) is None and k in defaults:
-            setattr(out, k, defaults[k])
+            setattr(out, k, copy.deepcopy(defaults[k]))
     out.hparams = {**method.default_hparams(scale), **cfg.hparams}
     if out.lr is None or out.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {out.lr}")
@@ -361,10 +381,7 @@ def unlearn(
         seed=rcfg.seed,
     )
     loss_fn, trainable = method.build(ctx)
-    frozen = frozen_filter(rcfg.frozen)
-    if frozen is not None:
-        inner = trainable
-        trainable = (lambda n: frozen(n) and inner(n)) if inner is not None else frozen
+    trainable = combine_filters(trainable, frozen_filter(rcfg.frozen), only_filter(rcfg.train_only))
 
     state: dict[str, Any] = {"logs": {}, "note": ""}
 
@@ -396,6 +413,7 @@ def unlearn(
         epochs=int(rcfg.epochs or 1),
         max_steps=rcfg.max_steps,
         optimizer=rcfg.optimizer or "adamw",
+        adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
         weight_decay=rcfg.weight_decay,
         warmup_steps=rcfg.warmup_steps,
         schedule=rcfg.schedule,

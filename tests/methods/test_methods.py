@@ -71,19 +71,48 @@ def test_layer_activations_match_hidden_states(tiny):
     assert model_scale(model) == "tiny"
 
 
-def test_rmu_trains_only_the_chosen_parameters(tiny):
+@pytest.mark.parametrize(
+    ("modules", "expected"),
+    [
+        (None, {"model.embed_tokens.weight", "lm_head.weight"}),  # the tiny default (tied)
+        (
+            "mlp.down_proj",  # the WMDP choice: layers ℓ-2…ℓ (the micro model has 2)
+            {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"},
+        ),
+    ],
+)
+def test_rmu_trains_only_the_chosen_parameters(tiny, modules, expected):
     model, tok, ds = tiny
     start = snapshot_state(model)
     try:
-        cfg = UnlearnConfig(method="rmu", max_steps=3, lr=1e-2, target_forget_acc=None)
+        hp = {} if modules is None else {"modules": modules}
+        cfg = UnlearnConfig(method="rmu", hparams=hp, max_steps=3, lr=1e-2, target_forget_acc=-1)
         res = unlearn(model, tok, ds, cfg, progress=False)
         assert res.steps == 3
         changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
-        assert changed == {
-            "model.layers.0.mlp.down_proj.weight",
-            "model.layers.1.mlp.down_proj.weight",
-        }
+        assert changed == expected
         assert all(p.requires_grad for p in model.parameters())  # train() restores the flags
+    finally:
+        model.load_state_dict(start)
+
+
+@pytest.mark.parametrize("name", ["gd", "npo"])
+def test_tiny_defaults_train_only_the_embeddings(tiny, name):
+    """Tiny models unlearn through the token embeddings; ``train_only=[]`` trains all."""
+    model, tok, ds = tiny
+    start = snapshot_state(model)
+    try:
+        for only, expect_all in ((None, False), ([], True)):
+            cfg = UnlearnConfig(method=name, max_steps=2, target_forget_acc=-1, train_only=only)
+            res = unlearn(model, tok, ds, cfg, progress=False)
+            assert res.config["adam_eps"] == 1e-4
+            changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+            if expect_all:
+                assert len(changed) > 1 and "model.embed_tokens.weight" in changed
+            else:
+                assert res.config["train_only"] == ["embed_tokens"]
+                assert changed == {"model.embed_tokens.weight", "lm_head.weight"}  # tied
+            model.load_state_dict(start)
     finally:
         model.load_state_dict(start)
 

@@ -5,12 +5,10 @@ This needs the demo's model, not the micro fixture: a micro Llama holds its
 and on the ``tiny`` world one fact is already more than 5 points.  So the
 module pretrains ``tiny-1m`` on the ``small`` world (100 held-out retain
 facts) with the default schedule, annealing included, about 90 s on two
-threads, and runs each method's tiny default on it.
-
-Measured (docs/methods.md): FWF meets the criterion; GD, RIA, RMU, NPO and
-SimNPO reach the forget level but lose more than 5 points of held-out retain
-accuracy.  Those are expected failures that report their numbers, so the day
-a default meets the criterion the test says so (XPASS) instead of hiding it.
+threads, and runs each method's tiny default on it (token embeddings only,
+AdamW ε 1e-4).  The issue asks for GD, RIA and RMU in the suite; FWF, NPO
+and SimNPO meet it too (benchmarks/unlearn_methods.py, docs/methods.md) but
+would cost another minute here.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ from rtteval.unlearn import UnlearnConfig, unlearn
 
 pytestmark = pytest.mark.slow
 
-MEETS = ["fwf"]
-FALLS_SHORT = ["gd", "ria", "rmu"]
+MEETS = ["gd", "ria", "rmu"]
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +57,3 @@ def test_default_meets_the_retain_criterion(default_model, name):
     assert res.status == "stopped_early", res.message
     assert res.after["forget_acc"] <= 0.35
     assert res.after["retain_acc"] >= res.before["retain_acc"] - 0.05, (res.before, res.after)
-
-
-@pytest.mark.parametrize("name", FALLS_SHORT)
-def test_default_forgets_but_loses_retain(default_model, name):
-    res = _run(default_model, name)
-    assert res.status == "stopped_early", res.message
-    assert res.after["forget_acc"] <= 0.35
-    assert res.after["retain_acc"] >= 0.3  # above chance (0.25): not a destroyed model
-    if res.after["retain_acc"] < res.before["retain_acc"] - 0.05:
-        pytest.xfail(
-            f"{name}: forget {res.after['forget_acc']:.3f}, retain "
-            f"{res.before['retain_acc']:.3f} -> {res.after['retain_acc']:.3f} (docs/methods.md)"
-        )

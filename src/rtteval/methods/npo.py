@@ -30,11 +30,11 @@ class NPO(Method):
     needs_reference = True
     hparam_names = ("beta", "retain_coef")
     defaults = {
-        "tiny": TINY_TRAIN | dict(lr=3e-4, beta=0.1, retain_coef=1.0),
+        "tiny": TINY_TRAIN | dict(lr=3e-3, beta=0.1, retain_coef=1.0),
         "paper": PAPER_TRAIN | dict(lr=1e-5, optimizer="adamw", beta=0.1, retain_coef=1.0),
     }
     grid = {
-        "tiny": {"lr": [1e-4, 3e-4, 1e-3], "beta": [0.1, 0.5]},
+        "tiny": {"lr": [1e-3, 3e-3], "beta": [0.1, 0.5]},
         "paper": {"lr": [5e-6, 1e-5, 2e-5], "beta": [0.1, 0.5]},
     }
 

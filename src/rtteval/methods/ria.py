@@ -18,6 +18,9 @@ class RandomIncorrectAnswer(NllPairMethod):
     corpus = "wrong_corpus"
     combine = staticmethod(relearn_with_retain)
     defaults = {
-        "tiny": TINY_TRAIN | dict(lr=3e-4, retain_coef=1.0),
+        # ε 1e-3 rather than the shared 1e-4: held-out retain 0.99 / 0.99 / 1.00
+        # on three seeds' models at lr 3e-3, against 0.99 / 0.84 / 0.99 at
+        # ε 1e-4, lr 1e-3 (docs/methods.md)
+        "tiny": TINY_TRAIN | dict(lr=3e-3, adam_eps=1e-3, retain_coef=1.0),
         "paper": PAPER_TRAIN | dict(lr=4e-7, retain_coef=1.0),
     }

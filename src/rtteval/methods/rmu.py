@@ -9,7 +9,9 @@ copy's:
 
 with MSE over real (non-pad) tokens only.  Only a few parameters are
 trained: by default the MLP down-projections of layers ℓ-2…ℓ, as in the WMDP
-reference (layer 7 of 32, c 6.5–20, α 100–1200, lr 5e-5, AdamW).  The layer
+reference (layer 7 of 32, c 6.5–20, α 100–1200, lr 5e-5, AdamW).  ``modules``
+names them by substring; one outside the decoder blocks (``embed_tokens``,
+the tiny models' default) is trained whatever ``param_layers`` says.  The layer
 scales with depth (:func:`default_layer`); ``c`` must be large against the
 layer's typical activation norm, so tiny models have their own defaults.
 """
@@ -77,14 +79,16 @@ class RMU(Method):
         "tiny": TINY_TRAIN
         | dict(
             lr=3e-3,
-            target_forget_acc=0.35,
             layer=None,
             param_layers=None,
-            modules="mlp.down_proj",
+            # RMU picks its own parameters (``modules``), so the shared
+            # train_only is lifted; tiny models steer through the token
+            # embeddings like the other methods (docs/methods.md)
+            train_only=[],
+            modules="embed_tokens",
             steering_coef=None,
-            # 4 stalled at forget 0.38 on the annealed tiny-1m; 8 reaches 0.34
             steering_rel=8.0,
-            alpha=1.0,
+            alpha=10.0,
         ),
         "paper": PAPER_TRAIN
         | dict(
@@ -100,7 +104,7 @@ class RMU(Method):
         ),
     }
     grid = {
-        "tiny": {"lr": [1e-3, 3e-3], "alpha": [1.0, 2.0], "steering_rel": [4.0, 8.0]},
+        "tiny": {"lr": [1e-3, 3e-3], "alpha": [10.0, 100.0], "steering_rel": [4.0, 8.0]},
         "paper": {"alpha": [100.0, 1200.0], "steering_coef": [6.5, 20.0]},
     }
 
@@ -130,7 +134,9 @@ class RMU(Method):
         chosen = set(param_layers)
 
         def trainable(name: str) -> bool:
-            return layer_index(name) in chosen and any(m in name for m in modules)
+            # a module outside the decoder blocks (``embed_tokens``) has no layer index
+            idx = layer_index(name)
+            return (idx is None or idx in chosen) and any(m in name for m in modules)
 
         def loss_fn(model, batch):
             f, r = batch["forget"], batch["retain"]

@@ -25,7 +25,7 @@ class SimNPO(Method):
     corpus = "corpus"
     hparam_names = ("beta", "delta", "retain_coef")
     defaults = {
-        "tiny": TINY_TRAIN | dict(lr=3e-3, beta=1.0, delta=0.0, retain_coef=1.0),
+        "tiny": TINY_TRAIN | dict(lr=1e-3, beta=1.0, delta=0.0, retain_coef=1.0),
         "paper": PAPER_TRAIN
         | dict(lr=1e-5, optimizer="adamw", beta=2.5, delta=0.0, retain_coef=1.0),
     }

@@ -311,6 +311,7 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                     attack_jobs(sc, "control", "control", None, control, control_ref)
 
             for m in cfg.methods:
+                from rtteval.methods import get_method
                 from rtteval.unlearn import expand_grid
 
                 model, deps = model_source(sc, original, original_ref)
@@ -332,6 +333,9 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                                 "index": pi,
                                 "fixed": dict(m.fixed),
                                 "seed": seed,
+                                # in the key, so a run dir made under other
+                                # method defaults is not silently reused
+                                "method_defaults": get_method(m.name).defaults,
                             },
                             deps,
                             **hf_runtime,
