@@ -182,6 +182,26 @@ def test_cli_unlearn_writes_model_and_metrics(pretrained_tiny, tmp_path, monkeyp
     load_model(out, device="cpu")
 
 
+def test_cli_train_only_and_adam_eps(pretrained_tiny, tmp_path, monkeypatch, capsys):
+    """``--train-only all`` lifts the tiny default (embeddings only); ``--adam-eps`` sets ε."""
+    out = tmp_path / "all"
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "unlearn", "--model", str(pretrained_tiny["original"]),
+        "--data", str(pretrained_tiny["world"]), "--method", "gd", "--out", str(out),
+        "--max-steps", "2", "--train-only", "all", "--adam-eps", "1e-6", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, stdout
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert cfg["train_only"] == [] and cfg["adam_eps"] == 1e-6
+    code, _, err = run_cli(
+        monkeypatch, capsys, "unlearn", "--model", str(pretrained_tiny["original"]),
+        "--data", str(pretrained_tiny["world"]), "--method", "gd", "--out", str(tmp_path / "x"),
+        "--train-only", "embed_tokens,",
+    )  # fmt: skip
+    assert code == 2 and "--train-only" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_unknown_method_is_one_line_exit_2(pretrained_tiny, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(
         monkeypatch, capsys, "unlearn", "--model", str(pretrained_tiny["original"]),

@@ -8,7 +8,15 @@ import torch
 from rtteval.data import load_dataset
 from rtteval.errors import ConfigError
 from rtteval.methods import METHODS, get_method
-from rtteval.methods.base import decoder_layers, layer_activations, layer_index, model_scale
+from rtteval.methods.base import (
+    combine_filters,
+    decoder_layers,
+    frozen_filter,
+    layer_activations,
+    layer_index,
+    model_scale,
+    only_filter,
+)
 from rtteval.methods.rmu import RMU, control_vector, default_layer
 from rtteval.models import load_model, snapshot_state
 from rtteval.train import pad_batch
@@ -94,6 +102,16 @@ def test_rmu_trains_only_the_chosen_parameters(tiny, modules, expected):
         assert all(p.requires_grad for p in model.parameters())  # train() restores the flags
     finally:
         model.load_state_dict(start)
+
+
+def test_only_filter_and_combine_filters():
+    assert only_filter(None) is None and only_filter([]) is None
+    emb = only_filter(["embed_tokens"])
+    assert emb("model.embed_tokens.weight") and not emb("model.layers.0.mlp.up_proj.weight")
+    assert combine_filters(None, None) is None
+    both = combine_filters(emb, frozen_filter([0]), None)
+    assert both("model.embed_tokens.weight")
+    assert not both("model.layers.0.embed_tokens.weight")  # frozen layer 0 wins
 
 
 @pytest.mark.parametrize("name", ["gd", "npo"])

@@ -214,3 +214,21 @@ def test_plan_regimes_world_per_seed_and_t_sizes(tmp_path: Path) -> None:
     assert plan.counts()["attack"] == 2 * (45 + 10)
     with pytest.raises(ConfigError, match="T has at most 4"):
         build_plan(load_config(_write(tmp_path, REGIMES.replace("[1, 2, 4]", "[5]"))).config)
+
+
+def test_unlearn_job_keys_follow_the_methods_defaults(tmp_path: Path, monkeypatch) -> None:
+    """A run dir made under other method defaults is redone, not silently reused."""
+    from rtteval.methods import get_method
+    from rtteval.runner.plan import build_plan
+
+    def unlearn_keys() -> list[str]:
+        plan = build_plan(load_config(_write(tmp_path, REGIMES)).config)
+        return sorted(p.job.key for p in plan.jobs if p.job.stage == "unlearn")
+
+    before = unlearn_keys()
+    assert before == unlearn_keys()  # deterministic
+    gd = type(get_method("gd"))
+    changed = {**gd.defaults, "tiny": {**gd.defaults["tiny"], "lr": 0.5}}
+    monkeypatch.setattr(gd, "defaults", changed)
+    after = unlearn_keys()
+    assert len(after) == len(before) and not set(after) & set(before)
