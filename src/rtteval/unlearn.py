@@ -85,8 +85,9 @@ class UnlearnConfig:
     fixed.  ``train_only``: train only parameters whose name contains one of
     these substrings (``[]``: all; tiny models default to
     ``["embed_tokens"]``, docs/methods.md says why).  ``adam_eps``: AdamW's ε
-    (tiny default 1e-4, else torch's 1e-8).  Since ``None`` means "default", a negative ``target_forget_acc``
-    turns early stopping off and a large ``max_steps`` lifts the step cap.
+    (tiny default 1e-4, else torch's 1e-8).  Since ``None`` means
+    "default", a negative ``target_forget_acc`` turns early stopping off and
+    a large ``max_steps`` lifts the step cap.
     ``scale`` (``tiny``/``paper``) picks the defaults; ``None``: by parameter count.
     """
 
