@@ -46,8 +46,8 @@ SCALES = ("tiny", "paper")
 #: (on two other seeds' models GD, RMU and SimNPO sometimes do not; RIA and
 #: FWF override ε to 1e-3).  The embedding table localizes facts only
 #: because the world's subjects are whole tokens, hence a tiny-scale default
-#: only.  Lion's sign updates overshoot at these sizes.  Paper scale follows the paper: Lion,
-#: every weight, a few epochs.
+#: only.  Lion's sign updates overshoot at these sizes.  Paper scale follows
+#: the paper: Lion, every weight, a few epochs.
 TINY_TRAIN: dict = dict(
     optimizer="adamw",
     adam_eps=1e-4,
