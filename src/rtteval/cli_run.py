@@ -108,22 +108,35 @@ def status_cmd(
     ] = False,
 ) -> None:
     """Progress of a study: jobs per stage and status (read-only; safe while it runs)."""
+    from rtteval.runner.driver import driver_alive
     from rtteval.runner.store import DB_NAME, Store
 
     db = out_dir / DB_NAME
     if not db.is_file():
         raise UserError(f"no {DB_NAME} here (not a study output directory?)", file=out_dir)
+    alive = driver_alive(out_dir)
     with Store(db, readonly=True) as store:
         plan = store.get_meta("plan") or {}
         keys = plan.get("keys")
         counts = store.counts_by_stage(keys)
         failed = [r for r in store.rows(status="failed") if keys is None or r.key in set(keys)]
         stale = store.n_rows() - len(keys) if keys is not None else 0
+    interrupted = 0
+    if not alive:  # rows a killed driver left `running` are not running: the next run redoes them
+        for row in counts.values():
+            interrupted += row.get("running", 0)
+            row["pending"] = row.get("pending", 0) + row.get("running", 0)
+            row["running"] = 0
     _print_counts(counts, title=f"study {plan.get('study', '?')!r}: {out_dir}")
     for r in failed[:10]:
         _say(f"failed: {r.name}: {r.error} (attempts {r.attempts})")
     if stale > 0:
         _say(f"note: {stale} job(s) in the store belong to an earlier version of the config")
+    if interrupted:
+        _say(
+            f"note: no driver is running; {interrupted} job(s) it left running were interrupted "
+            "and count as pending (`rtteval run` on the same config resumes them)"
+        )
     totals: dict[str, int] = {}
     for row in counts.values():
         for s, n in row.items():
@@ -134,4 +147,9 @@ def status_cmd(
 
         info = report_from_store(out_dir, n_boot=int(plan.get("n_boot", 1000)))
         _say(f"report: {', '.join(info['files'])}{' (partial)' if info['partial'] else ''}")
-    print(json.dumps({"out": str(out_dir), "counts": counts, "totals": totals, "report": info}))
+    print(
+        json.dumps(
+            {"out": str(out_dir), "driver_running": alive, "interrupted": interrupted,
+             "counts": counts, "totals": totals, "report": info}
+        )
+    )  # fmt: skip
