@@ -231,6 +231,8 @@ def main() -> None:
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C: typer's silent Exit(130)
+            print("rtteval: interrupted", file=sys.stderr)
         sys.exit(code)
     except typer.Abort:
         print("rtteval: aborted", file=sys.stderr)

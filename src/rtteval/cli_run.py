@@ -9,6 +9,8 @@ read-only and shows progress per stage.
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +24,7 @@ console = Console(stderr=True)
 
 
 def _say(msg: str) -> None:
-    console.print(msg, markup=False, highlight=False)
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)  # one line, never wrapped
 
 
 def run_cmd(
@@ -52,11 +54,35 @@ def run_cmd(
         return
     from rtteval.runner.driver import run_study
 
-    summary = run_study(loaded, say=_say)
+    try:
+        summary = run_study(loaded, say=_say)
+    except KeyboardInterrupt:
+        resume = ["rtteval", "run", str(config), *(overrides or [])]
+        if executor is not None:
+            resume += ["--executor", executor]
+        print(
+            f"rtteval: interrupted: {_finished(Path(loaded.config.output_dir))}; "
+            f"resume with: {shlex.join(resume)}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(130) from None
     _print_counts(summary.counts, title=f"study {loaded.config.name!r} ({summary.wall_time:.0f} s)")
     print(json.dumps(summary.to_dict()))
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _finished(out: Path) -> str:
+    """'N of M jobs finished' from the store of an interrupted study (what a resume keeps)."""
+    from rtteval.runner.store import DB_NAME, FINAL_OK, Store
+
+    if not (out / DB_NAME).is_file():
+        return "no job had started"
+    with Store(out / DB_NAME, readonly=True) as store:
+        keys = set((store.get_meta("plan") or {}).get("keys") or [])
+        rows = [r for r in store.rows() if r.key in keys]
+    done = sum(1 for r in rows if r.status in FINAL_OK)
+    return f"{done} of {len(keys)} jobs finished and are kept"
 
 
 def _print_plan(loaded) -> None:  # noqa: ANN001 - LoadedConfig, imported lazily

@@ -6,8 +6,14 @@ a study that produced no result must say so, in a report and in its exit status.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from rtteval.runner.driver import DirLock
@@ -26,6 +32,7 @@ methods:
 attack:
   lrs: [1.0e-3]
   epochs: 1
+  folds: [split_0, split_1]
 executor: {{kind: sequential}}
 debug: {{fake_jobs: true, sleep: {sleep}}}
 """
@@ -35,6 +42,14 @@ def _fake(tmp_path: Path, sleep: float = 0.0) -> tuple[Path, Path]:
     p = tmp_path / "fake.yaml"
     p.write_text(FAKE.format(out=tmp_path / "out", sleep=sleep))
     return p, tmp_path / "out"
+
+
+def _n_done(out: Path) -> int:
+    if not (out / "runs.db").exists():
+        return 0
+    with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(out / "runs.db") as c:
+        return c.execute("SELECT COUNT(*) FROM jobs WHERE status='done'").fetchone()[0]
+    return 0
 
 
 def test_status_tells_a_killed_driver_from_a_live_one(tmp_path: Path, cli) -> None:
@@ -55,3 +70,34 @@ def test_status_tells_a_killed_driver_from_a_live_one(tmp_path: Path, cli) -> No
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["driver_running"] is True and info["totals"]["running"] == 4
     assert info["interrupted"] == 0 and "interrupted" not in res.stderr
+
+
+def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path: Path, cli) -> None:
+    """SIGINT (Ctrl-C) through the console entry point: exit 130 and one line with the resume command."""
+    p, out = _fake(tmp_path, sleep=0.2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "rtteval.cli", "run", str(p), "retries=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _n_done(out) < 3:
+            assert proc.poll() is None, "the study finished before it could be interrupted"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    n = _n_done(out)
+    assert 3 <= n < 11
+    assert last == (
+        f"rtteval: interrupted: {n} of 11 jobs finished and are kept; "
+        f"resume with: rtteval run {p} retries=0"
+    )
+    res = cli(*last.split("resume with: rtteval ")[1].split())  # the printed command resumes
+    assert res.returncode == 0, res.stderr
+    assert _n_done(out) == 11
