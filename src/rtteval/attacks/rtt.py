@@ -632,9 +632,20 @@ class ModelAttack:
                     out.append((lr, ep))
         return out
 
+    def diverged_lrs(self) -> set[float]:
+        """Learning rates whose run diverged on some fold (selection shares an lr over folds)."""
+        return {r.lr for f in self.folds for r in f.runs if r.status == "diverged"}
+
     def curve_points(self, *, include_before: bool = False) -> list[CurvePoint]:
-        """Pooled over folds: V (and held-out) accuracy over all their questions at each point."""
+        """Pooled over folds: V (and held-out) accuracy over all their questions at each point.
+
+        Every epoch of a learning rate that diverged on any fold is marked
+        ``diverged`` (epoch 0, the model before RTT, never is), which keeps it
+        out of selection: the evaluations before the blow-up are of a run
+        the attacker would have discarded.
+        """
         pts = []
+        bad = self.diverged_lrs()
         keys = self.grid()
         if include_before:
             keys = [(lr, 0) for lr in self.lrs] + keys
@@ -644,7 +655,12 @@ class ModelAttack:
             hs = [e.holdout_correct for e in evs if e is not None and e.holdout_correct]
             h = float(np.concatenate([np.asarray(x, float) for x in hs]).mean()) if hs else None
             rs = [e.retain_acc for e in evs if e is not None and e.retain_acc is not None]
-            pts.append(CurvePoint(lr, ep, float(v.mean()), h, float(np.mean(rs)) if rs else None))
+            pts.append(
+                CurvePoint(
+                    lr, ep, float(v.mean()), h, float(np.mean(rs)) if rs else None,
+                    diverged=ep > 0 and lr in bad,
+                )
+            )  # fmt: skip
         return pts
 
     def correct_at(self, lr: float, epoch: int) -> np.ndarray:

@@ -47,6 +47,17 @@ def _merge(parts: list[dict[str, Any]]) -> Any:
     return ModelAttack.from_dict(d)
 
 
+def _diverged_points(keys: list[str], unlearn_rows: dict[str, Any]) -> list[dict[str, Any]]:
+    """A method's diverged unlearning grid points: their parameters and what happened."""
+    out = []
+    for k in keys:
+        r = unlearn_rows.get(k)
+        if r is not None and r.status == "diverged":
+            m = r.metrics or {}
+            out.append({"params": m.get("point"), "message": m.get("message"), "job": r.name})
+    return out
+
+
 def build_study_results(
     plan: Plan, store: Store, out_dir: Path, *, n_boot: int = 1000, study: str = "study"
 ) -> dict[str, Any] | None:
@@ -55,6 +66,7 @@ def build_study_results(
 
     rows = {r.key: r for r in store.rows(stage="attack")}
     select_rows = {r.key: r for r in store.rows(stage="select")}
+    unlearn_rows = {r.key: r for r in store.rows(stage="unlearn")}
     per_dataset: dict[str, list[Any]] = defaultdict(list)
     for g in plan.groups:
         per_dataset[g.dataset].append(g)
@@ -113,7 +125,8 @@ def build_study_results(
             if srow is not None and srow.metrics is not None:
                 selections[g.label].append(
                     {"seed": g.seed, "status": srow.status, "selected": srow.metrics.get("selected"),
-                     "point": srow.metrics.get("point"), "note": srow.metrics.get("note")}
+                     "point": srow.metrics.get("point"), "note": srow.metrics.get("note"),
+                     "diverged": _diverged_points(srow.deps, unlearn_rows)}
                 )  # fmt: skip
             if srow is not None and srow.status == "skipped":
                 incomplete.add(g.label)
