@@ -68,8 +68,19 @@ def run_cmd(
         raise typer.Exit(130) from None
     _print_counts(summary.counts, title=f"study {loaded.config.name!r} ({summary.wall_time:.0f} s)")
     print(json.dumps(summary.to_dict()))
+    rep = summary.report
+    no_result = rep is not None and not rep["result"]
+    if no_result:
+        out = Path(loaded.config.output_dir) / "report.md"
+        print(
+            f"rtteval: error: study {loaded.config.name!r} produced no result ({rep['why']}); "
+            f"see {out}",
+            file=sys.stderr,
+        )
     if summary.failed:
         raise typer.Exit(1)
+    if no_result:
+        raise typer.Exit(3)
 
 
 def _finished(out: Path) -> str:
@@ -172,7 +183,10 @@ def status_cmd(
         from rtteval.runner.results import report_from_store
 
         info = report_from_store(out_dir, n_boot=int(plan.get("n_boot", 1000)))
-        _say(f"report: {', '.join(info['files'])}{' (partial)' if info['partial'] else ''}")
+        if not info["result"]:
+            _say(f"report: report.md (no result: {info['why']})")
+        else:
+            _say(f"report: {', '.join(info['files'])}{' (partial)' if info['partial'] else ''}")
     print(
         json.dumps(
             {"out": str(out_dir), "driver_running": alive, "interrupted": interrupted,

@@ -557,6 +557,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "Unlearned+RTT / Original+RTT (the paper's kind of number). Brackets: bootstrap 95% CIs "
         "over questions (and seeds). Selection is shared across folds; epoch ≥ 1.",
         "",
+    ]
+    run = results.get("config", {}).get("run") or {}
+    if run.get("partial"):
+        out += ["**Partial results.** Not included:", ""]
+        out += [f"- {m}" for m in run.get("missing") or ["(not recorded)"]]
+        out.append("")
+    out += [
         "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
         "",
     ]

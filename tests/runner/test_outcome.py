@@ -101,3 +101,67 @@ def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path: Path, cli) -> Non
     res = cli(*last.split("resume with: rtteval ")[1].split())  # the printed command resumes
     assert res.returncode == 0, res.stderr
     assert _n_done(out) == 11
+
+
+DIVERGE = """\
+name: div
+output_dir: {out}
+model:
+  hf: {{path: {model}}}
+datasets:
+  - name: w
+    path: {world}
+methods:
+{methods}
+attack:
+  lrs: [1.0e-3]
+  epochs: 1
+  folds: [split_0]
+executor: {{kind: sequential, threads_per_worker: 1}}
+report: {{n_boot: 20, plots: false}}
+"""
+BLOWS_UP = "  - {name: gd, label: gd_huge, grid: {lr: [1.0e+6]}, fixed: {max_steps: 3}}\n"
+GENTLE = "  - {name: gd, label: gd_gentle, grid: {lr: [1.0e-6]}, fixed: {max_steps: 2}}\n"
+
+
+def test_a_study_where_every_method_diverged_says_so(tmp_path: Path, cli, pretrained_tiny) -> None:
+    out = tmp_path / "out"
+
+    def config(methods: str) -> Path:
+        p = tmp_path / "div.yaml"
+        p.write_text(DIVERGE.format(out=out, model=pretrained_tiny["original"],
+                                    world=pretrained_tiny["world"], methods=methods))  # fmt: skip
+        return p
+
+    res = cli("run", config(BLOWS_UP))
+    assert res.returncode == 3, res.stderr
+    errs = [ln for ln in res.stderr.splitlines() if ln.startswith("rtteval:")]
+    assert len(errs) == 1 and "produced no result (unlearn: 1 diverged;" in errs[0]
+    assert errs[0].endswith(f"see {out / 'report.md'}")
+    assert not (out / "results.json").exists()
+    md = (out / "report.md").read_text()
+    assert md.startswith("# RTT report: no result")
+    assert "- w: gd_huge seed 0: no grid point selected (1 of 1 diverged)" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| unlearn gd_huge"))
+    assert "| diverged |" in row and "exceeded" in row and "at step" in row
+    assert "| attack original w s0 split_0 |" in md  # what did finish is reported
+    assert json.loads(res.stdout.strip().splitlines()[-1])["report"]["result"] is False
+
+    (out / "report.md").unlink()
+    res = cli("status", out, "--report")  # the truth, not "no attack finished"
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert res.returncode == 0 and info["report"]["result"] is False
+    assert "report: report.md (no result: unlearn: 1 diverged;" in res.stderr
+    assert (out / "report.md").read_text().startswith("# RTT report: no result")
+
+    # a method that works joins: a partial result, which reports what it has and what it lacks
+    res = cli("run", config(BLOWS_UP + GENTLE))
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [e["method"] for e in results["summary"]] == ["gd_gentle"]
+    assert results["config"]["run"]["partial"] is True
+    md = (out / "report.md").read_text()
+    assert "**Partial results.**" in md and "gd_huge seed 0: no grid point selected" in md
+    assert (
+        "Unlearning grid points that diverged" in md and "1000000.0" in md.split("## Divergence")[1]
+    )

@@ -337,24 +337,23 @@ class Driver:
             return
         self.write_report(plots=final and self.cfg.report.plots)
 
-    def write_report(self, *, plots: bool) -> dict[str, Any] | None:
-        """results.json (+ csv, report.md, plots) from the attacks done so far."""
-        from rtteval.report import write_report
-        from rtteval.runner.results import build_study_results
+    def write_report(self, *, plots: bool, final: bool = False) -> dict[str, Any] | None:
+        """results.json (+ csv, report.md, plots) from the attacks done so far.
 
-        results = build_study_results(
-            self.plan, self.store, self.out, n_boot=self.cfg.report.n_boot, study=self.cfg.name
-        )
+        The ``final`` report is written whatever happened: without a result
+        it is a report.md that says why (:func:`~rtteval.runner.results.write_study_report`);
+        while the study runs, a report is only written once there is a result.
+        """
+        from rtteval.runner.results import write_study_report
+
         self.last_report = time.monotonic()
         self.report_dirty = False
-        if results is None:
-            return None
-        paths = write_report(self.out, results, plots=plots)
-        info = {
-            "files": sorted(p.name for p in paths.values()),
-            "partial": bool(results.get("config", {}).get("run", {}).get("partial")),
-        }
-        self.summary.report = info
+        info = write_study_report(
+            self.plan, self.store, self.out, n_boot=self.cfg.report.n_boot, study=self.cfg.name,
+            plots=plots, keys=list(self.by_key), explain=final,
+        )  # fmt: skip
+        if info is not None:
+            self.summary.report = info
         return info
 
 
@@ -404,6 +403,5 @@ def run_study(
             drv = Driver(cfg, plan, store, ex, say=say, tracker=tracker)
             summary = drv.run()
             if not cfg.debug.fake_jobs:
-                drv.report_dirty = True
-                drv.write_report(plots=cfg.report.plots)
+                drv.write_report(plots=cfg.report.plots, final=True)
             return summary
