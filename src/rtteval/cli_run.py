@@ -65,7 +65,7 @@ def run_cmd(
             f"resume with: {shlex.join(resume)}",
             file=sys.stderr,
         )
-        raise typer.Exit(130) from None
+        raise SystemExit(130) from None  # not typer.Exit: main() would add its own line
     _print_counts(summary.counts, title=f"study {loaded.config.name!r} ({summary.wall_time:.0f} s)")
     print(json.dumps(summary.to_dict()))
     rep = summary.report
