@@ -41,14 +41,15 @@ def data_check(
     strict: Annotated[
         bool,
         typer.Option(
-            help="reject any question text found in two files (the released data has such repeats)"
+            help="reject any question text found in two files, and a question offering the "
+            "same choice twice (the released data has both)"
         ),
     ] = False,
 ) -> None:
     """Validate a dataset directory and print its counts as JSON."""
     from rtteval.data import load_dataset
 
-    ds = load_dataset(path, strict_duplicates=strict)
+    ds = load_dataset(path, strict_duplicates=strict, distinct_choices=strict)
     print(json.dumps(ds.summary(), ensure_ascii=False))
 
 

@@ -118,8 +118,8 @@ def check_output(out: str | Path, *, overwrite: bool, kind: str, resumable: bool
         return False
     if marker is not None:
         raise UserError(
-            f"holds an earlier rtteval {marker.get('kind', 'output')} output; pass --overwrite "
-            "to replace it",
+            f"directory is not empty: it holds an earlier rtteval {marker.get('kind', 'output')} "
+            "output; pass --overwrite to replace it",
             file=p,
         )
     if kind == "study":

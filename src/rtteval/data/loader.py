@@ -46,8 +46,8 @@ Duplicated choices.  The released ``random_bd`` draws its distractor years at
 random, so some questions offer the same year twice, sometimes the correct
 one (docs/datasets.md has the counts).  Refusing them would refuse the
 paper's own data, so by default they load and ``rtteval data check`` counts
-them (``duplicate_choices``); ``strict_duplicates=True`` (``--strict``)
-rejects them with ``file:line``.
+them (``duplicate_choices``); ``distinct_choices=True`` (``data check
+--strict``) rejects them with ``file:line``.
 """
 
 from __future__ import annotations
@@ -313,7 +313,11 @@ def _check_duplicates(files: list[tuple[Path, list[MCQ]]], strict: bool) -> None
 
 
 def load_dataset(
-    path: str | Path, *, n_choices: int = 4, strict_duplicates: bool = False
+    path: str | Path,
+    *,
+    n_choices: int = 4,
+    strict_duplicates: bool = False,
+    distinct_choices: bool = False,
 ) -> Dataset:
     """Load and validate a dataset directory (or ``hf://owner/name[@rev]``).
 
@@ -321,7 +325,8 @@ def load_dataset(
     paper's datasets all have 4); ``mcq_*`` training text is exempt.
     ``strict_duplicates`` rejects any question text found in two question
     files, not only identical questions (see the module docstring for why the
-    default is looser: the released data repeats texts).
+    default is looser: the released data repeats texts).  ``distinct_choices``
+    rejects a question that offers the same choice twice.
 
     Raises :class:`~rtteval.errors.DataError` for any malformed input.
     """
@@ -378,10 +383,10 @@ def load_dataset(
         )
 
     loaded = {
-        n: _load_questions(question_files[n], n_choices, strict_duplicates) for n in forget + retain
+        n: _load_questions(question_files[n], n_choices, distinct_choices) for n in forget + retain
     }
     dev = (
-        _load_questions(question_files[DEV], n_choices, strict_duplicates)
+        _load_questions(question_files[DEV], n_choices, distinct_choices)
         if DEV in question_files
         else []
     )
@@ -421,7 +426,9 @@ def check_summary(
 
     ``{"splits": {name: n}, "corpus": {...}, "wrong_corpus": {...},
     "fixed_wrong_corpus": {...}, "dev": n}`` plus ``retain`` /
-    ``true_false`` / ``mcq_text`` when the dataset has them.
+    ``true_false`` / ``mcq_text`` when the dataset has them, and
+    ``duplicate_choices`` / ``ambiguous_answers`` (questions offering a choice
+    twice; of those, the ones whose answer is the repeated choice) when any.
     """
     return load_dataset(path, n_choices=n_choices, strict_duplicates=strict_duplicates).summary()
 
