@@ -142,8 +142,9 @@ def _remove(path: Path) -> None:
 
 
 def _holds_cwd(p: Path) -> bool:
-    cwd = Path(os.getcwd())
-    return cwd == p or p in cwd.parents
+    """Whether ``p`` is the CWD or above it: such a directory is never renamed away."""
+    cwd, real = Path(os.getcwd()).resolve(), p.resolve()
+    return cwd == real or real in cwd.parents
 
 
 def _commit(stage: Path, out: Path, kind: str) -> None:
@@ -198,6 +199,7 @@ def staged_output(out: str | Path, *, overwrite: bool, kind: str) -> Iterator[Pa
     stage = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.parent))
     try:
         yield stage
+        check_output(p, overwrite=overwrite, kind=kind)  # it may have changed meanwhile
         _commit(stage, p, kind)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
