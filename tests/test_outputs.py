@@ -60,9 +60,14 @@ def _args(cmd: str, models: dict[str, Path], out: Path) -> list[str]:
         "finetune": ["finetune", "--model", str(models["control"]), "--world", world],
         "unlearn": ["unlearn", "--model", str(models["original"]), "--data", world],
         "attack": [
-            "attack", "--model", str(models["original"]), "--original",
-            str(models["original"]), "--data", world,
-        ],  # fmt: skip
+            "attack",
+            "--model",
+            str(models["original"]),
+            "--original",
+            str(models["original"]),
+            "--data",
+            world,
+        ],
     }[cmd]
     return [*base, *FAST.get(cmd, []), "--out", str(out)]
 
