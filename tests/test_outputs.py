@@ -132,7 +132,7 @@ def test_a_user_file_named_like_an_output_is_never_replaced(tmp_path, cli):
 def test_demo_and_run_refuse_a_directory_that_is_not_a_study(tmp_path, cli):
     d = tmp_path / "mine"
     before = _user_dir(d)
-    _one_line_error(cli("demo", "--out", d), "output_dir", "not an rtteval study")
+    _one_line_error(cli("demo", "--out", d), str(d), "not an rtteval study")
     assert _files(d) == before
 
 

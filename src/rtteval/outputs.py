@@ -95,7 +95,9 @@ def check_writable(out: str | Path, *, field: str | None = None, file: str | Non
     try:
         probe = tempfile.mkdtemp(prefix=".rtteval-probe-", dir=anc)
     except OSError as e:
-        raise fail(f"not writable ({e.strerror or e})") from None
+        raise fail(
+            f"not writable: cannot create a directory in {anc} ({e.strerror or e})"
+        ) from None
     os.rmdir(probe)
 
 
@@ -116,15 +118,17 @@ def check_output(out: str | Path, *, overwrite: bool, kind: str, resumable: bool
         return True
     if overwrite:
         return False
+    if kind == "study":  # `run` and `demo` have no --overwrite: a study dir only resumes
+        what = f"an rtteval {marker.get('kind')} output" if marker else "something else"
+        raise UserError(
+            f"directory is not empty and holds {what}, not an rtteval study; choose a new or "
+            "empty one",
+            file=p,
+        )
     if marker is not None:
         raise UserError(
             f"directory is not empty: it holds an earlier rtteval {marker.get('kind', 'output')} "
             "output; pass --overwrite to replace it",
-            file=p,
-        )
-    if kind == "study":
-        raise UserError(
-            "directory is not empty and is not an rtteval study; choose a new or empty one",
             file=p,
         )
     raise UserError(
