@@ -99,6 +99,7 @@ def test_user_files_survive_every_out_command(pretrained_tiny, tmp_path, cli, cm
     (d / mine[0]).touch()  # stands for any change
     r = cli(*_args(cmd, pretrained_tiny, d), "--overwrite")
     assert r.returncode == 0, r.stderr
+    assert "reusing" not in r.stderr  # attack: --overwrite recomputes
     assert {k: v for k, v in _files(d).items() if k in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 

@@ -213,8 +213,10 @@ class ResumableOutput:
     """An output written piece by piece and resumed after an interruption (``attack``, studies).
 
     Each piece is written atomically by its writer; this class guards the
-    directory and records in the marker which entries are rtteval's.  A
-    command that fails before writing anything leaves no directory behind.
+    directory and records in the marker which entries are rtteval's.  The
+    directory is created by :meth:`open`, which a command calls only when it
+    has a finished piece to write, so a command that fails before that
+    leaves no directory behind.
     """
 
     def __init__(
@@ -223,7 +225,6 @@ class ResumableOutput:
         self.path = _abs(out)
         self.kind = kind
         self.resumed = check_output(self.path, overwrite=overwrite, kind=kind, resumable=True)
-        self.created = False
         marker = read_marker(self.path) if self.path.exists() else None
         self._entries: set[str] = set(_owned(marker))
         if self.path.is_dir():
@@ -234,16 +235,16 @@ class ResumableOutput:
                     f"would replace {clash[0]!r}, which rtteval did not write; move it away first",
                     file=self.path,
                 )
-        if overwrite and marker is not None:
-            for name in self._entries:
-                _remove(self.path / name)
-            self._entries = set()
+        # with overwrite, the earlier output goes when the first new piece is ready, not before
+        self._stale = overwrite and marker is not None
 
     def open(self) -> Path:
         """Create the directory (if needed) and its marker; returns its absolute path."""
-        if not self.path.exists():
-            self.path.mkdir(parents=True)
-            self.created = True
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self._stale:
+            for name in self._entries:
+                _remove(self.path / name)
+            self._entries, self._stale = set(), False
         _write_marker(self.path, self.kind, self._entries)
         return self.path
 
@@ -251,10 +252,3 @@ class ResumableOutput:
         """Record top-level entries as rtteval's (so ``--overwrite`` may later replace them)."""
         self._entries.update(n for n in names if n != MARKER)
         _write_marker(self.path, self.kind, self._entries)
-
-    def discard_if_empty(self) -> None:
-        """After a failure: remove the directory if this command created it and wrote nothing."""
-        if self.created and self.path.is_dir():
-            left = set(os.listdir(self.path)) - {MARKER}
-            if not left:
-                shutil.rmtree(self.path, ignore_errors=True)
