@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rtteval.errors import ConfigError
+from rtteval.outputs import OVERWRITE_HELP
 
 console = Console(stderr=True)
 
@@ -124,6 +125,7 @@ def unlearn_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option()] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Unlearn the forget splits of a dataset; write the model and metrics.json."""
     from rtteval.methods import get_method
@@ -162,6 +164,7 @@ def unlearn_cmd(
         retain_data_path=retain_data, do_sweep=sweep or grid is not None,
         grid=_load_grid(grid), retain_threshold=retain_threshold, device=device,
         progress=sys.stdout.isatty(),  # train()'s bar prints to stdout; keep piped JSON clean
+        overwrite=overwrite,
     )  # fmt: skip
     if sweep_res is not None:
         _print_sweep(sweep_res.to_dict())

@@ -433,6 +433,14 @@ class StudyConfig(_Strict):
     report: ReportSpec = ReportSpec()
     debug: DebugSpec = DebugSpec()
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # the name becomes a directory (runs/<name>) and a tracker run name
+        if v.strip() in ("", ".", "..") or "/" in v or "\\" in v or "\0" in v:
+            raise ValueError(f"{v!r} must be a plain name, without path separators or '..'")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v: list[int]) -> list[int]:
@@ -661,6 +669,18 @@ def _resolve_paths(raw: dict[str, Any], base: Path, overridden: dict[Loc, str]) 
     return raw
 
 
+def _check_output_dir(out: str, file: str, line: int | None) -> None:
+    """A study's ``output_dir`` must be writable and new, empty or an rtteval study (also dry)."""
+    from rtteval.errors import UserError
+    from rtteval.outputs import check_output
+
+    try:
+        check_output(out, overwrite=False, kind="study", resumable=True)
+    except UserError as e:
+        msg = f"{e.file}: {e.message}" if e.file else e.message
+        raise ConfigError(msg, file=file, line=line, field="output_dir") from None
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -727,4 +747,5 @@ def load_config(
         ctl = cfg.model.hf.control
         if ctl is not None and ctl.path is not None:
             need_dir(ctl.path, ("model", "hf", "control", "path"), "control model directory")
+    _check_output_dir(cfg.output_dir, *where(("output_dir",)))
     return LoadedConfig(cfg, Path(path) if path is not None else None, warnings, data)

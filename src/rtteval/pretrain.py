@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from rtteval.data import Dataset, Passage, load_dataset
-from rtteval.models import build_tiny_model, n_params, save_model, train_word_tokenizer
+from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
+from rtteval.models.loading import write_model_files
+from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
 from rtteval.store import write_json_atomic
 from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
@@ -107,6 +109,7 @@ def pretrain(
     cfg: PretrainConfig | None = None,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a tiny Llama from scratch on ``data_dir`` and save it to ``out_dir``.
 
@@ -121,6 +124,7 @@ def pretrain(
     """
     cfg = cfg or PretrainConfig()
     dataset = load_dataset(data_dir)
+    check_output(out_dir, overwrite=overwrite, kind="model")  # before hours of training
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = train_word_tokenizer(world_texts(dataset))
@@ -171,6 +175,7 @@ def pretrain(
         label="pretrain control" if cfg.exclude_forget else "pretrain",
         progress=progress,
         out_dir=out_dir,
+        overwrite=overwrite,
         anneal_epochs=cfg.anneal_epochs,
         metrics={
             "kind": "control" if cfg.exclude_forget else "original",
@@ -195,6 +200,7 @@ def _learn_and_save(
     out_dir: str | Path,
     metrics: dict[str, Any],
     anneal_epochs: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train until the facts are known, anneal, save the model and its ``pretrain.json``.
 
@@ -226,8 +232,6 @@ def _learn_and_save(
             progress=f"{label}: anneal" if progress else None,
         )
     final = result.history[-1] if result.history and anneal is None else evaluate(model)
-    out = Path(out_dir)
-    save_model(model, tokenizer, out)
     metrics = {
         **metrics,
         "status": result.status,
@@ -238,7 +242,9 @@ def _learn_and_save(
     }
     if anneal is not None:
         metrics["anneal"] = {**anneal.to_dict(), "after": final}
-    write_json_atomic(out / "pretrain.json", metrics)
+    with staged_output(out_dir, overwrite=overwrite, kind="model") as stage:
+        write_model_files(model, tokenizer, stage)
+        write_json_atomic(stage / "pretrain.json", metrics)
     return metrics
 
 
@@ -287,6 +293,7 @@ def finetune_facts(
     *,
     progress: bool = True,
     metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``dataset``'s forget facts until known; save it to ``out_dir``.
 
@@ -340,6 +347,7 @@ def finetune_facts(
         label="fine-tune forget facts",
         progress=progress,
         out_dir=out_dir,
+        overwrite=overwrite,
         metrics={**(metrics or {}), "kind": "finetuned", "config": asdict(cfg), "before": before},
     )
 
@@ -351,14 +359,17 @@ def finetune_forget_facts(
     cfg: FinetuneConfig | None = None,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """:func:`finetune_facts` on a model and dataset read from disk (``rtteval finetune``)."""
     from rtteval.models import load_model
+
+    check_output(out_dir, overwrite=overwrite, kind="model")
 
     model, tokenizer = load_model(
         base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
     )
     return finetune_facts(
         model, tokenizer, load_dataset(data_dir), out_dir, cfg, progress=progress,
-        metrics={"base": str(base_dir), "data": str(data_dir)},
+        metrics={"base": str(base_dir), "data": str(data_dir)}, overwrite=overwrite,
     )  # fmt: skip

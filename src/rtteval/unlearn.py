@@ -30,8 +30,6 @@ import copy
 import itertools
 import math
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -51,7 +49,8 @@ from rtteval.methods.base import (
     model_scale,
     only_filter,
 )
-from rtteval.models import restore_state, save_model, snapshot_state
+from rtteval.models import restore_state, snapshot_state
+from rtteval.models.loading import write_model_files
 from rtteval.pretrain import scoring_for
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.store import write_json_atomic
@@ -652,6 +651,7 @@ def run_unlearn(
     retain_threshold: float = 0.05,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], SweepResult | None]:
     """Load, unlearn (or sweep), and write ``out`` atomically.
 
@@ -661,11 +661,14 @@ def run_unlearn(
     ``metrics.json``; a sweep adds ``sweep.json``.  A diverged run, or a sweep
     where nothing qualified, writes the JSON files but no model.  Everything
     is assembled in a temporary sibling directory and renamed into place, so
-    ``out`` is never half-written.
+    ``out`` is never half-written; a non-empty ``out`` needs ``overwrite``
+    and loses only rtteval's own files (:mod:`rtteval.outputs`).
     """
     from rtteval.models import load_model
+    from rtteval.outputs import check_output, staged_output
 
     get_method(cfg.method)  # fail on a bad name before loading anything
+    check_output(out, overwrite=overwrite, kind="unlearn")
     dataset = load_dataset(data)
     retain_ds = load_dataset(retain_data_path) if retain_data_path else None
     model, tokenizer = load_model(model_path, device=device)
@@ -693,20 +696,10 @@ def run_unlearn(
         }
         if run is None:
             metrics["before"] = sweep_res.original
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        stage = tmp / "out"
+    with staged_output(out, overwrite=overwrite, kind="unlearn") as stage:
         if ok:
-            save_model(model, tokenizer, stage)
-        stage.mkdir(exist_ok=True)
+            write_model_files(model, tokenizer, stage)
         write_json_atomic(stage / "metrics.json", metrics)
         if sweep_res is not None:
             write_json_atomic(stage / "sweep.json", sweep_res.to_dict())
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics, sweep_res

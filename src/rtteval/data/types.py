@@ -119,4 +119,12 @@ class Dataset:
             out["true_false"] = {k: len(v) for k, v in self.true_false.items()}
         if self.mcq_text:
             out["mcq_text"] = {k: len(v) for k, v in self.mcq_text.items()}
+        qs = [q for part in (self.splits, self.retain) for v in part.values() for q in v]
+        dup = [q for q in [*qs, *self.dev] if len({c.strip() for c in q.choices}) < len(q.choices)]
+        if dup:
+            # the released random_bd has these; --strict refuses them (rtteval.data.loader)
+            out["duplicate_choices"] = len(dup)
+            out["ambiguous_answers"] = sum(
+                [c.strip() for c in q.choices].count(q.choices[q.answer].strip()) > 1 for q in dup
+            )
         return out
