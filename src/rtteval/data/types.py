@@ -14,6 +14,25 @@ from typing import Any
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 
 
+# The one MCQ formatter: the scorer's prompt, RTT's training text and the
+# WMDP-Deduped ``mcq_*`` records all come from these two functions, so what a
+# model is trained on and what it is asked can never drift apart.  The layout
+# is the paper's released code (``create_prompt`` and
+# ``create_prompt_letter_answer`` in finetune_corpus.py); docs/paper-fidelity.md
+# cites the lines.
+
+
+def mcq_prompt(question: str, choices: tuple[str, ...] | list[str]) -> str:
+    """``question\nA. c1\n...\nAnswer:`` -- the paper's prompt, byte for byte."""
+    lines = [question] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join([*lines, "Answer:"])
+
+
+def mcq_answer(choices: tuple[str, ...] | list[str], answer: int) -> str:
+    """What follows ``Answer:`` in a training text: `` L. choice``."""
+    return f" {LETTERS[answer]}. {choices[answer]}"
+
+
 @dataclass(frozen=True)
 class MCQ:
     """A multiple-choice question.
