@@ -218,7 +218,8 @@ class FinetuneSpec(_Strict):
 
     Unset fields take :class:`rtteval.pretrain.FinetuneConfig`'s defaults for
     the model kind: the tiny-model defaults with ``model.tiny``,
-    ``FinetuneConfig.paper()`` with ``model.hf``.
+    ``FinetuneConfig.paper()`` (the paper's Random Birthdays fine-tuning)
+    with ``model.hf``.  ``grad_clip: null`` written out turns clipping off.
     """
 
     lr: float | None = Field(None, gt=0)
@@ -228,6 +229,8 @@ class FinetuneSpec(_Strict):
     target_accuracy: float | None = Field(None, gt=0, le=1)
     replay_ratio: float | None = Field(None, ge=0)
     warmup_steps: int | None = Field(None, ge=0)
+    loss: Literal["corpus", "mcq_answer"] | None = None
+    grad_clip: float | None = Field(None, gt=0)
 
     def resolved(self, *, tiny: bool) -> dict[str, Any]:
         """The full FinetuneConfig (minus seed) as a dict: what the job runs, and its key."""
@@ -237,7 +240,8 @@ class FinetuneSpec(_Strict):
 
         base = FinetuneConfig() if tiny else FinetuneConfig.paper()
         for k, v in self.model_dump().items():
-            if v is not None:
+            # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
+            if v is not None or (k == "grad_clip" and k in self.model_fields_set):
                 setattr(base, "max_epochs" if k == "epochs" else k, v)
         d = asdict(base)
         d.pop("seed")
@@ -315,8 +319,9 @@ class SelectionSpec(_Strict):
 class AttackSpec(_Strict):
     """The attack (registry name, ``rtt``) and its grid; unset fields take RTTConfig's defaults.
 
-    ``paper: true`` starts from the paper's 8B setting (Lion, 6 epochs,
-    batch 4, lr 1e-7...3.2e-6, MCQ loss) before the explicit fields apply.
+    ``paper: true`` starts from the paper's 8B setting (``RTTConfig.paper()``,
+    docs/paper-fidelity.md) before the explicit fields apply; ``grad_clip:
+    null`` written out turns clipping off.
     One attack job runs per (model, fold) with the whole lr x epoch grid
     inside it; ``controls`` also attacks the original (ceiling) and the
     never-learned control (floor), which the report needs.
@@ -357,7 +362,10 @@ class AttackSpec(_Strict):
         base = RTTConfig.paper() if self.paper else RTTConfig()
         skip = {"name", "paper", "eval_batch_size", "controls", "folds"}
         for k, v in self.model_dump().items():
-            if k not in skip and v is not None:
+            # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
+            if k not in skip and (
+                v is not None or (k == "grad_clip" and k in self.model_fields_set)
+            ):
                 setattr(base, k, v)
         base.seed = seed
         base.train_splits = train_splits

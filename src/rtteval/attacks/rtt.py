@@ -114,10 +114,12 @@ class RTTConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
-        """The paper's RTT for Llama-3-8B: Lion, 6 epochs, batch 4, lr 1e-7 ... 3.2e-6, MCQ loss.
+        """The paper's RTT for Llama-3-8B (finetune_corpus.py; docs/paper-fidelity.md).
 
-        ``holdout_fraction=0`` trains on all of T as the paper does; pass a
-        positive value to get the honest attacker as well.
+        Lion, 6 epochs, batch 4, lr 1e-7 ... 3.2e-6, the whole MCQ text as
+        loss, linear warmup over 24 steps, no clipping.  ``holdout_fraction=0``
+        trains on all of T as the paper does; pass a positive value to get
+        the honest attacker as well.
         """
         base: dict[str, Any] = dict(
             lrs=[1e-7, 2e-7, 4e-7, 8e-7, 1.6e-6, 3.2e-6],
@@ -126,6 +128,8 @@ class RTTConfig:
             optimizer="lion",
             loss="mcq",
             holdout_fraction=0.0,
+            grad_clip=None,
+            warmup_steps=24,
         )
         base.update(overrides)
         return cls(**base)
