@@ -187,7 +187,12 @@ class DatasetSpec(_Strict):
     learned in a later phase.  ``t_sizes`` adds smaller retraining sets:
     for each k every model is attacked again with T = k splits (reported
     as dataset ``"<name> |T|=k"``), to see how recovery grows with the
-    amount of RTT data.
+    amount of RTT data.  ``retain_splits`` names question splits of this
+    directory that are retain data, not forget data (the paper's Random
+    Birthdays forgets split_0..4 and keeps split_5..9): they serve as a
+    ``retain`` dataset would (half of them train the retain loss, the other
+    half's questions measure retain accuracy); ``finetune_first`` still
+    learns every split.
     """
 
     name: str | None = None
@@ -197,11 +202,18 @@ class DatasetSpec(_Strict):
     splits: list[str] | None = None
     finetune_first: bool = False
     t_sizes: list[Annotated[int, Field(ge=1)]] = []
+    retain_splits: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one(self) -> DatasetSpec:
         if (self.world is None) == (self.path is None):
             raise ValueError("give exactly one of 'world' (generate one) or 'path' (a directory)")
+        if self.retain_splits:
+            if self.path is None or self.retain is not None:
+                raise ValueError("retain_splits needs 'path' and no separate 'retain' dataset")
+            both = sorted(set(self.retain_splits) & set(self.splits or []))
+            if both:
+                raise ValueError(f"split(s) {both} are in both 'splits' and 'retain_splits'")
         return self
 
     @property
