@@ -140,3 +140,30 @@ def test_random_birthdays_keeps_splits_5_to_9_as_retain(shared_datasets, tmp_pat
     plan = build_plan(cfg, dry_run=True)
     folds = {j.job.config["fold"] for j in plan.jobs if j.job.stage == "attack"}
     assert folds == {f"split_{k}" for k in range(5)}
+
+
+def test_mcq_answer_finetuning_puts_the_loss_on_the_answer_only(pretrained_tiny, monkeypatch):
+    """FinetuneConfig.paper()'s loss: every answered MCQ once, loss on `` L. choice`` and EOS only."""
+    import rtteval.pretrain as pt
+    from rtteval.data import load_dataset
+    from rtteval.models import load_model
+    from rtteval.scoring import continuation_ids, format_mcq
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(
+        pt, "_learn_and_save", lambda m, t, batches, *a, **k: seen.update(b=batches)
+    )
+    model, tok = load_model(pretrained_tiny["control"], device="cpu")
+    ds = load_dataset(pretrained_tiny["world"])
+    pt.finetune_facts(model, tok, ds, "unused", FinetuneConfig.paper(max_epochs=1), progress=False)
+    got = sorted(
+        (tuple(ids[m.bool()].tolist()), tuple(lab[lab != -100].tolist()))
+        for b in seen["b"](0)
+        for ids, m, lab in zip(b["input_ids"], b["attention_mask"], b["labels"], strict=True)
+    )
+    want = []
+    for q in ds.questions():
+        prompt, text = format_mcq(q), format_mcq(q, with_answer=True)
+        ctx, cont = continuation_ids(tok, prompt, text[len(prompt) :])
+        want.append((tuple(ctx + cont + [tok.eos_token_id]), tuple(cont + [tok.eos_token_id])))
+    assert got == sorted(want)
