@@ -50,7 +50,11 @@ def test_prompt_and_training_text_are_the_papers_bytes(tmp_path):
 
     recs = [
         {"question": "When was Aidan Li born?", "choices": [1961, 1958, 1965, 1994], "answer": 2},
-        {"question": "When was Alla Nelles born?", "choices": [1966, 1936, 2018, 1998], "answer": 1},
+        {
+            "question": "When was Alla Nelles born?",
+            "choices": [1966, 1936, 2018, 1998],
+            "answer": 1,
+        },
         {"question": "Q?", "choices": ["w", "x", "y", "z"], "answer": 3},
     ]
     for name, rec in zip(("split_0", "split_1", "dev"), recs, strict=True):

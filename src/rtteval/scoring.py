@@ -93,9 +93,7 @@ def letter_prompt(q: MCQ, cfg: ScoringConfig) -> str:
     Shots end ``Answer: L.`` and are separated by a blank line, as the
     paper's ``make_k_shot`` writes them.
     """
-    shots = "".join(
-        format_mcq(d) + f" {LETTERS[d.answer]}.\n\n" for d in cfg.dev[: cfg.n_shots]
-    )
+    shots = "".join(format_mcq(d) + f" {LETTERS[d.answer]}.\n\n" for d in cfg.dev[: cfg.n_shots])
     return cfg.preamble + shots + format_mcq(q)
 
 
