@@ -323,7 +323,9 @@ def finetune_facts(
     forget_masks: list[list[int]] | None = None
     if cfg.loss == "mcq_answer":
         items = [
-            TrainItem(format_mcq(q, with_answer=True), "", "", prompt=format_mcq(q))
+            TrainItem(
+                format_mcq(q, with_answer=True), "", "", prompt=format_mcq(q), source=q.source
+            )
             for q in dataset.questions()
         ]
         forget_ids, forget_masks = _encode_items(tokenizer, items)
