@@ -63,7 +63,7 @@ def attack_cmd(
         str | None, typer.Option(help="a model that never learned the forget facts (floor)")
     ] = None,
     paper: Annotated[
-        bool, typer.Option(help="start from the paper's 8B preset (Lion, 6 epochs, batch 4)")
+        bool, typer.Option(help="start from the paper's 8B preset (docs/paper-fidelity.md)")
     ] = False,
     lrs: Annotated[str | None, typer.Option(help="comma-separated learning rates")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,

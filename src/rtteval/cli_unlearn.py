@@ -93,7 +93,9 @@ def unlearn_cmd(
     lr: Annotated[float | None, typer.Option(help="learning rate (default: per method)")] = None,
     epochs: Annotated[int | None, typer.Option(help="passes over the forget text")] = None,
     max_steps: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[
+        int | None, typer.Option(help="default: per method and model scale (32 tiny, 4 paper)")
+    ] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
     adam_eps: Annotated[
         float | None, typer.Option(help="AdamW's ε (default: 1e-4 tiny models, else 1e-8)")

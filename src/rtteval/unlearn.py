@@ -61,8 +61,11 @@ TRAIN_DEFAULT_KEYS = (
     "lr",
     "optimizer",
     "adam_eps",
+    "adam_betas",
     "epochs",
     "max_steps",
+    "batch_size",
+    "warmup_steps",
     "target_forget_acc",
     "train_only",
 )
@@ -86,7 +89,8 @@ class UnlearnConfig:
     ``["embed_tokens"]``, docs/methods.md says why).  ``adam_eps``: AdamW's ε
     (tiny default 1e-4, else torch's 1e-8).  Since ``None`` means
     "default", a negative ``target_forget_acc`` turns early stopping off and
-    a large ``max_steps`` lifts the step cap.
+    a large ``max_steps`` lifts the step cap.  ``grad_clip``: ``"auto"`` is
+    the scale's default, ``None`` no clipping (the paper clips nothing).
     ``scale`` (``tiny``/``paper``) picks the defaults; ``None``: by parameter count.
     """
 
@@ -95,12 +99,13 @@ class UnlearnConfig:
     lr: float | None = None
     optimizer: Literal["adamw", "lion"] | None = None
     adam_eps: float | None = None
+    adam_betas: tuple[float, float] | None = None
     epochs: int | None = None
     max_steps: int | None = None
-    batch_size: int = 32
-    warmup_steps: int = 0
+    batch_size: int | None = None
+    warmup_steps: int | None = None
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    grad_clip: float | None = 1.0
+    grad_clip: float | Literal["auto"] | None = "auto"
     weight_decay: float = 0.0
     frozen: list[int | str] | None = None
     train_only: list[str] | None = None
@@ -123,6 +128,10 @@ def resolve_config(cfg: UnlearnConfig, method: Method, scale: str) -> UnlearnCon
     for k in TRAIN_DEFAULT_KEYS:
         if getattr(out, k) is None and k in defaults:
             setattr(out, k, copy.deepcopy(defaults[k]))
+    if out.grad_clip == "auto":
+        out.grad_clip = defaults.get("grad_clip", 1.0)
+    if out.adam_betas is not None:
+        out.adam_betas = (float(out.adam_betas[0]), float(out.adam_betas[1]))
     out.hparams = {**method.default_hparams(scale), **cfg.hparams}
     if out.lr is None or out.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {out.lr}")
@@ -431,10 +440,11 @@ def unlearn(
         max_steps=rcfg.max_steps,
         optimizer=rcfg.optimizer or "adamw",
         adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
+        betas=rcfg.adam_betas or TrainConfig.betas,
         weight_decay=rcfg.weight_decay,
-        warmup_steps=rcfg.warmup_steps,
+        warmup_steps=rcfg.warmup_steps or 0,
         schedule=rcfg.schedule,
-        grad_clip=rcfg.grad_clip,
+        grad_clip=None if rcfg.grad_clip == "auto" else rcfg.grad_clip,
         seed=rcfg.seed,
         eval_every_steps=rcfg.eval_every_steps,
         eval_every_epochs=None,
@@ -456,7 +466,7 @@ def unlearn(
             retain_source=prep.retain.source,
         )
     batches = paired_batches(
-        prep.forget_seqs, prep.retain_seqs, rcfg.batch_size, tokenizer.pad_token_id, rcfg.seed
+        prep.forget_seqs, prep.retain_seqs, rcfg.batch_size or 32, tokenizer.pad_token_id, rcfg.seed
     )
     t0 = time.perf_counter()
     result = train(

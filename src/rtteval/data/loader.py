@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from rtteval.data.hub import resolve_dataset_path
-from rtteval.data.types import LETTERS, MCQ, Dataset, Passage
+from rtteval.data.types import LETTERS, MCQ, Dataset, Passage, mcq_answer, mcq_prompt
 from rtteval.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
@@ -97,14 +97,11 @@ def natural_key(name: str) -> tuple[Any, ...]:
 def render_mcq(question: str, choices: tuple[str, ...] | list[str], answer: int) -> str:
     """The text a WMDP-Deduped ``mcq_*`` record trains on.
 
-    ``"question\\nA. c1\\nB. c2\\nC. c3\\nD. c4\\nAnswer: X. cX"`` -- the same
-    lettered layout the paper's evaluation prompt uses, followed by the answer,
+    ``"question\\nA. c1\\nB. c2\\nC. c3\\nD. c4\\nAnswer: X. cX"`` -- the
+    evaluation prompt followed by the answer (:func:`rtteval.data.types.mcq_prompt`),
     so fine-tuning on it teaches exactly what the evaluation asks for.
     """
-    lines = [question]
-    lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    lines.append(f"Answer: {LETTERS[answer]}. {choices[answer]}")
-    return "\n".join(lines)
+    return mcq_prompt(question, choices) + mcq_answer(choices, answer)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
