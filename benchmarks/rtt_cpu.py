@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from paper_loop import paper_rtt_run  # noqa: E402
 
-from rtteval.attacks import RTTConfig, attack_model, build_folds  # noqa: E402
+from rtteval.attacks.folds import build_folds  # noqa: E402
+from rtteval.attacks.rtt import RTTConfig, attack_model  # noqa: E402
 from rtteval.data import load_dataset  # noqa: E402
 from rtteval.models import load_model  # noqa: E402
 from rtteval.pretrain import retain_eval_name, scoring_for  # noqa: E402

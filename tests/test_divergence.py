@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtteval.attacks.rtt import ModelAttack
+from rtteval.attacks.records import ModelAttack
 from rtteval.report import build_results, render_markdown
 from tests.test_report import fake_attack
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rtteval.attacks.rtt import EpochEval, FoldAttack, ModelAttack, RunResult
+from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
 from rtteval.findings import (
     FINDINGS_FILES,
     VERDICT_LESS,

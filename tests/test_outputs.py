@@ -181,9 +181,10 @@ datasets:
 methods:
   - name: gd
     grid: {{lr: [1.0e-3]}}
-attack:
-  lrs: [1.0e-3]
-  epochs: 1
+attacks:
+  - name: rtt
+    lrs: [1.0e-3]
+    epochs: 1
 executor: {{kind: sequential}}
 debug: {{fake_jobs: true, sleep: 0.0}}
 """

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from rtteval.attacks.rtt import RTTConfig
-from rtteval.config import AttackSpec, FinetuneSpec, load_config
+from rtteval.attacks.rtt import RTTConfig, RTTSpec
+from rtteval.config import FinetuneSpec, load_config
 from rtteval.fidelity import load_settings, render_markdown
 from rtteval.methods import METHODS
 from rtteval.pretrain import FinetuneConfig
@@ -45,6 +45,11 @@ def _unlearn_points(method: str, stems: list[str]) -> list[UnlearnConfig]:
     return out or [resolve_config(UnlearnConfig(method=method), m, "paper")]
 
 
+def _rtt(study: Any) -> RTTSpec:
+    """The study's RTT entry of ``attacks:``."""
+    return next(a for a in study.attacks if a.name == "rtt")
+
+
 def _resolved(check: dict[str, Any]) -> list[Any]:
     """Every value rtteval resolves for a checked setting (defaults and each paper config)."""
     at, field = check["at"], check["field"]
@@ -57,7 +62,7 @@ def _resolved(check: dict[str, Any]) -> list[Any]:
         return [getattr(p, field) if hasattr(p, field) else p.hparams[field] for p in pts]
     if at == "attack":
         vals = [asdict(RTTConfig.paper())[field]]
-        return vals + [_study(s).attack.rtt_dict(seed=0)[field] for s in stems]
+        return vals + [_rtt(_study(s)).resolved(seed=0)[field] for s in stems]
     if at == "finetune":
         vals = [asdict(FinetuneConfig.paper())[field]]
         studies = [_study(s) for s in stems]
@@ -106,9 +111,9 @@ def test_every_paper_config_and_method_is_covered():
 
 def test_explicit_null_grad_clip_means_no_clipping():
     """``grad_clip: null`` written out turns clipping off; left out, the default holds."""
-    assert AttackSpec().rtt_dict(seed=0)["grad_clip"] == 1.0
-    assert AttackSpec(grad_clip=None).rtt_dict(seed=0)["grad_clip"] is None
-    assert AttackSpec(grad_clip=0.5).rtt_dict(seed=0)["grad_clip"] == 0.5
+    assert RTTSpec().resolved(seed=0)["grad_clip"] == 1.0
+    assert RTTSpec(grad_clip=None).resolved(seed=0)["grad_clip"] is None
+    assert RTTSpec(grad_clip=0.5).resolved(seed=0)["grad_clip"] == 0.5
     assert FinetuneSpec().resolved(tiny=True)["grad_clip"] == 1.0
     assert FinetuneSpec(grad_clip=None).resolved(tiny=True)["grad_clip"] is None
     gd = METHODS["gd"]()

@@ -9,8 +9,8 @@ SMALL = [
     "model.tiny.pretrain.batch_size=32",
     "model.tiny.pretrain.max_epochs=150",
     "datasets.0.world.preset=tiny",
-    "attack.lrs=[0.001,0.003]",
-    "attack.epochs=3",
+    "attacks.0.lrs=[0.001,0.003]",
+    "attacks.0.epochs=3",
     "executor.kind=sequential",
     # RMU's tiny default steers through the token embeddings, which does not
     # unlearn a 2-layer micro model (forget 0.75, docs/methods.md); here it

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rtteval.attacks.rtt import EpochEval, FoldAttack, ModelAttack, RunResult
+from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
 from rtteval.errors import UserError
 from rtteval.report import (
     RESULT_FILES,

@@ -44,7 +44,8 @@ def test_prompt_and_training_text_are_the_papers_bytes(tmp_path):
     """
     import json
 
-    from rtteval.attacks.rtt import RTTConfig, build_folds
+    from rtteval.attacks.folds import build_folds
+    from rtteval.attacks.rtt import RTTConfig
     from rtteval.data import load_dataset
     from rtteval.scoring import letter_prompt
 

@@ -1,11 +1,13 @@
 """``rtteval attack``, ``rtteval report`` and ``rtteval findings``.
 
-``attack`` runs RTT on the original model (ceiling), the never-learned
-control (floor) and the unlearned model, one model in memory at a time, and
-writes the report.  Each model's attack is saved to
-``OUT/attacks/<role>.json`` as soon as it finishes, keyed by the model files,
-dataset and RTT configuration, so an interrupted run resumes where it
-stopped (``--no-resume`` recomputes everything).
+``attack`` runs a registered attack (``--attack``, default ``rtt``) on the
+original model (ceiling), the never-learned control (floor) and the
+unlearned model, one model in memory at a time, and writes the report.
+Each model's attack is saved to ``OUT/attacks/<role>.json`` as soon as it
+finishes, keyed by the model files, dataset, attack and its settings, so an
+interrupted run resumes where it stopped (``--no-resume`` recomputes
+everything).  The grid options set the attack's config fields of the same
+name; one the attack does not have is an error.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def attack_cmd(
     original: Annotated[str, typer.Option(help="the model before unlearning (ceiling)")],
     data: Annotated[str, typer.Option(help="dataset directory (forget splits, retain, corpora)")],
     out: Annotated[Path, typer.Option(help="output directory for results and report")],
+    attack: Annotated[
+        str, typer.Option(help="registered attack: rtt, retain_relearn (docs/architecture.md)")
+    ] = "rtt",
     control: Annotated[
         str | None, typer.Option(help="a model that never learned the forget facts (floor)")
     ] = None,
@@ -95,13 +100,15 @@ def attack_cmd(
         bool, typer.Option(help=OVERWRITE_HELP + " (recomputes every attack)")
     ] = False,
 ) -> None:
-    """RTT attack: fine-tune on T, measure V, for unlearned, original and control models."""
+    """Attack (RTT by default: fine-tune on T, measure V) the unlearned, original and control models."""
     import gc
 
     import torch
+    from pydantic import ValidationError
     from rich.console import Console as _Console
 
-    from rtteval.attacks.rtt import ModelAttack, RTTConfig, attack_model
+    from rtteval.attacks import ATTACKS, get_attack
+    from rtteval.attacks.records import ModelAttack
     from rtteval.data import load_dataset
     from rtteval.models import load_model
     from rtteval.models.loading import check_model_files
@@ -111,23 +118,37 @@ def attack_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    ds = load_dataset(data)
-    cfg = RTTConfig.paper() if paper else RTTConfig()
-    overrides: dict[str, Any] = {
+    if attack not in ATTACKS:
+        raise ConfigError(
+            f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", field="--attack"
+        )
+    runner = get_attack(attack)
+    given: dict[str, Any] = {
+        "paper": paper or None,
         "lrs": _floats(lrs, "lrs"),
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,
         "loss": loss,
-        "folds": [f.strip() for f in folds.split(",") if f.strip()] if folds else None,
         "holdout_fraction": holdout_fraction,
         "overlap": overlap,
-        "seed": seed,
     }
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, v)
-    cfg.validate()
+    given = {k: v for k, v in given.items() if v is not None}
+    own = runner.config_type.model_fields
+    for k in given:
+        if k not in own:
+            raise ConfigError(
+                f"attack {attack!r} has no setting {k!r}", field="--" + k.replace("_", "-")
+            )
+    try:
+        spec = runner.config_type.model_validate({"name": attack, **given})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "--attack"
+        raise ConfigError(err["msg"].removeprefix("Value error, "), field=where) from None
+    settings = spec.resolved(seed if seed is not None else 0)
+    fold_list = [f.strip() for f in folds.split(",") if f.strip()] if folds else None
+    ds = load_dataset(data)
     scoring = scoring_for(ds, batch_size=eval_batch_size)
     r_name = retain_eval_name(ds)
     retain = ds.retain[r_name] if r_name else []
@@ -144,7 +165,9 @@ def attack_cmd(
         key = {
             "model": _model_fingerprint(path),
             "data": str(ds.root.resolve()),
-            "rtt": cfg.to_dict(),
+            "attack": attack,
+            "config": settings,
+            "folds": fold_list,
             "scoring": scoring.mode,
             "label": lab,
         }
@@ -161,12 +184,13 @@ def attack_cmd(
         console.print(f"{role}: loading {path}")
         m, tok = load_model(path, device=device)
         try:
-            a = attack_model(
+            a = runner.run(
                 m,
                 tok,
                 ds,
-                cfg,
+                settings,
                 scoring,
+                folds=fold_list,
                 retain_questions=retain,
                 label=lab,
                 progress=True,
@@ -189,14 +213,15 @@ def attack_cmd(
         {label: attacks["unlearned"]},
         attacks["original"],
         attacks.get("control"),
-        dataset=ds.name,
+        dataset=ds.name if attack == "rtt" else f"{ds.name} [{attack}]",
         config={
             "models": {"unlearned": model, "original": original, "control": control},
             "data": str(data),
             "device": device,
         },
         n_boot=n_boot,
-        seed=cfg.seed,
+        seed=int(settings["seed"]),
+        info={"attack": attack, "base_dataset": ds.name},
     )
     target.open()
     target.add(*_REPORT_FILES)

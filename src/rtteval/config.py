@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rtteval.errors import ConfigError
 
 __all__ = [
-    "AttackSpec",
     "DatasetSpec",
     "ExecutorSpec",
     "LoadedConfig",
@@ -328,62 +327,54 @@ class SelectionSpec(_Strict):
 # --------------------------------------------------------------------------- attack
 
 
-class AttackSpec(_Strict):
-    """The attack (registry name, ``rtt``) and its grid; unset fields take RTTConfig's defaults.
+def _attack_configs(entries: Any) -> list[Any]:
+    """Each ``attacks:`` entry validated by its own registered config type (discriminated on name).
 
-    ``paper: true`` starts from the paper's 8B setting (``RTTConfig.paper()``,
-    docs/paper-fidelity.md) before the explicit fields apply; ``grad_clip:
-    null`` written out turns clipping off.
-    One attack job runs per (model, fold) with the whole lr x epoch grid
-    inside it; ``controls`` also attacks the original (ceiling) and the
-    never-learned control (floor), which the report needs.
+    The registry is imported here, not at module level: the attacks import
+    torch, and this module stays importable without it.
     """
+    from rtteval.attacks import ATTACKS, attack_adapter
 
-    name: str = "rtt"
-    paper: bool = False
-    lrs: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    optimizer: Literal["adamw", "lion"] | None = None
-    loss: Literal["auto", "mcq", "mcq_answer", "qa", "corpus"] | None = None
-    folds: list[str] | None = Field(None, min_length=1)
-    holdout_fraction: float | None = Field(None, ge=0, lt=1)
-    overlap: Literal["drop", "error"] | None = None
-    retain_eval: Literal["epoch", "end", "none"] | None = None
-    weight_decay: float | None = Field(None, ge=0)
-    grad_clip: float | None = None
-    warmup_steps: int | None = Field(None, ge=0)
-    eval_batch_size: int = Field(128, ge=1)
-    controls: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, v: str) -> str:
+    if not isinstance(entries, list):
+        raise ValueError("must be a list of attacks, e.g. [{name: rtt}]")
+    adapter = attack_adapter()
+    out = []
+    for i, e in enumerate(entries):
+        if isinstance(e, str):  # ``- rtt``: the attack with its defaults
+            e = {"name": e}
+        if not isinstance(e, dict) or "name" not in e:
+            raise LocatedError((i,), f"an attack needs a 'name' (one of {', '.join(sorted(ATTACKS))})")
+        if e["name"] not in ATTACKS:
+            raise LocatedError(
+                (i, "name"), f"unknown attack {e['name']!r}; known: {', '.join(sorted(ATTACKS))}"
+            )
         try:
-            from rtteval.attacks import ATTACKS
-        except ImportError:  # pragma: no cover
-            return v
-        if v not in ATTACKS:
-            raise ValueError(f"unknown attack {v!r}; known: {', '.join(sorted(ATTACKS))}")
-        return v
+            out.append(adapter.validate_python(e))
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = tuple(first["loc"])
+            if len(ATTACKS) > 1 and loc[:1] == (e["name"],):  # the union's tag
+                loc = loc[1:]
+            msg = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                fields = ATTACKS[e["name"]].config_type.model_fields
+                msg = f"unknown key; attack {e['name']!r} takes: {', '.join(fields)}"
+            elif "input" in first and first["type"] not in ("value_error", "missing"):
+                shown = repr(first["input"])
+                msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+            raise LocatedError((i, *loc), msg) from None
+    names = [a.name for a in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LocatedError((names.index(dup[0], names.index(dup[0]) + 1),),
+                           f"attack {dup[0]!r} is listed twice")  # fmt: skip
+    return out
 
-    def rtt_dict(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
-        """The resolved :class:`rtteval.attacks.rtt.RTTConfig` as a dict (stored in job keys)."""
-        from rtteval.attacks.rtt import RTTConfig
 
-        base = RTTConfig.paper() if self.paper else RTTConfig()
-        skip = {"name", "paper", "eval_batch_size", "controls", "folds"}
-        for k, v in self.model_dump().items():
-            # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
-            if k not in skip and (
-                v is not None or (k == "grad_clip" and k in self.model_fields_set)
-            ):
-                setattr(base, k, v)
-        base.seed = seed
-        base.train_splits = train_splits
-        base.folds = None
-        base.validate()
-        return base.to_dict()
+def _default_attacks() -> list[Any]:
+    from rtteval.attacks import get_attack
+
+    return [get_attack("rtt").config_type()]
 
 
 # --------------------------------------------------------------------------- running
@@ -446,12 +437,29 @@ class StudyConfig(_Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     selection: SelectionSpec = SelectionSpec()
     finetune: FinetuneSpec = FinetuneSpec()
-    attack: AttackSpec = AttackSpec()
+    #: Each an :class:`rtteval.attacks.AttackConfig` of the attack named (RTT by default).
+    attacks: list[Any] = Field(default_factory=_default_attacks, min_length=1)
     executor: ExecutorSpec = ExecutorSpec()
     retries: int = Field(1, ge=0)
     logging: LoggingSpec = LoggingSpec()
     report: ReportSpec = ReportSpec()
     debug: DebugSpec = DebugSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_attack_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "attack" in data:
+            raise LocatedError(
+                ("attack",),
+                "'attack:' is now 'attacks:', a list selecting attacks by name; write "
+                "'attacks: [{name: rtt, ...}]' with the same settings",
+            )
+        return data
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _attacks(cls, v: Any) -> list[Any]:
+        return _attack_configs(v)
 
     @field_validator("name")
     @classmethod
@@ -538,7 +546,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[Loc, Any, 
     for item in items:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"override {item!r} is not key=value (e.g. attack.epochs=2)")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. attacks.0.epochs=2)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from rtteval.attacks.rtt import ModelAttack
+from rtteval.attacks.records import ModelAttack
 from rtteval.metrics import (
     CI_LEVEL,
     N_BOOT,
@@ -637,6 +637,9 @@ def analyze(
     so the new CIs (difference of recoveries, per-step numbers) are
     comparable with the report's.
     """
+    # the findings are RTT's: rows of other attacks (retain-only relearning, ...) are not T's effect
+    results = {**results, "summary": [e for e in results["summary"]
+                                      if (e.get("attack") or "rtt") == "rtt"]}  # fmt: skip
     boot = (results.get("config") or {}).get("bootstrap") or {}
     n_boot = int(n_boot if n_boot is not None else boot.get("n_boot", N_BOOT))
     seed = int(seed if seed is not None else boot.get("seed", 0))

@@ -312,7 +312,8 @@ def finetune_facts(
     runner's ``finetune`` job both call it.  Returns the metrics written to
     ``out_dir/pretrain.json`` (``before``/after accuracies, ``status``).
     """
-    from rtteval.attacks.rtt import TrainItem, _encode_items
+    from rtteval.attacks.folds import TrainItem
+    from rtteval.attacks.relearn import _encode_items
     from rtteval.scoring import format_mcq
 
     cfg = cfg or FinetuneConfig()

@@ -1,6 +1,6 @@
 """results.json / results.csv / report.md / plots from RTT attacks.
 
-:func:`build_results` turns :class:`~rtteval.attacks.rtt.ModelAttack` objects
+:func:`build_results` turns :class:`~rtteval.attacks.records.ModelAttack` objects
 (one per model and seed) into the results dict whose schema is documented
 in ``docs/results-schema.md``; :func:`write_report` writes every artefact
 from that dict alone, which is what makes ``rtteval report RUN_DIR``
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from rtteval.attacks.rtt import ModelAttack
+from rtteval.attacks.records import ModelAttack
 from rtteval.errors import UserError
 from rtteval.metrics import (
     N_BOOT,
@@ -232,7 +232,8 @@ def build_results(
     their mean, and CIs resample seeds as well as questions.  ``config`` is
     stored as given under ``config.run`` (e.g. the unlearning settings).
     Seeds may each have their own world (see :func:`_check_aligned`).
-    ``info`` may set ``base_dataset`` and ``regime`` ("pretrained" or
+    ``info`` may set ``attack`` (the registered attack, default ``rtt``),
+    ``base_dataset`` and ``regime`` ("pretrained" or
     "finetuned": when the facts were learned), copied into every summary
     and fold row with ``train_splits`` (|T|, read from the attacks).
     Use :func:`merge_results` to combine datasets.
@@ -251,6 +252,7 @@ def build_results(
     fold_names, fold_sizes, paired = _check_aligned(groups)
     ds_name = dataset or originals[0].dataset
     row_info = {
+        "attack": (info or {}).get("attack") or "rtt",
         "base_dataset": (info or {}).get("base_dataset") or ds_name,
         "regime": (info or {}).get("regime") or "pretrained",
         "train_splits": len(originals[0].folds[0].t),
@@ -541,6 +543,20 @@ def _divergence_md(results: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _attacks_note(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Which rows are another attack than RTT: their dataset label names it, this says what it is."""
+    others = sorted({str(e.get("attack") or "rtt") for e in summary} - {"rtt"})
+    if not others:
+        return []
+    from rtteval.attacks import ATTACKS
+
+    out = ["**Attacks.** Rows without a bracket are RTT. Rows labelled `<dataset> [attack]` are:", ""]
+    for name in others:
+        title = ATTACKS[name].config_type.title if name in ATTACKS else "(not installed)"
+        out.append(f"- `{name}`: {title}; its \"+RTT\" columns are after this attack's fine-tuning")
+    return [*out, ""]
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
     s = results["summary"]
@@ -563,6 +579,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += ["**Partial results.** Not included:", ""]
         out += [f"- {m}" for m in run.get("missing") or ["(not recorded)"]]
         out.append("")
+    out += _attacks_note(s)
     out += [
         "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
         "",

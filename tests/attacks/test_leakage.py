@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from rtteval.attacks.facts import FactMatcher
-from rtteval.attacks.rtt import (
+from rtteval.attacks.folds import (
     Fold,
     ProvenanceError,
-    RTTConfig,
     TrainItem,
     build_folds,
     check_provenance,
 )
+from rtteval.attacks.rtt import RTTConfig
 from rtteval.data import load_dataset
 from rtteval.data.types import MCQ
 from rtteval.errors import DataError

@@ -9,18 +9,17 @@ import pytest
 import torch
 
 from rtteval.attacks import ATTACKS, get_attack
-from rtteval.attacks.rtt import (
+from rtteval.attacks.folds import (
     Fold,
-    ModelAttack,
     ProvenanceError,
-    RTTConfig,
     TrainItem,
-    _Evaluator,
-    attack_model,
     build_folds,
     check_provenance,
     question_id,
 )
+from rtteval.attacks.records import ModelAttack
+from rtteval.attacks.relearn import _Evaluator
+from rtteval.attacks.rtt import RTT, RTTConfig, attack_model
 from rtteval.data import MCQ, Dataset, Passage, load_dataset
 from rtteval.data.world import QA_TEMPLATE
 from rtteval.errors import ConfigError, DataError
@@ -72,7 +71,7 @@ def _paper_like(dup: bool) -> Dataset:
 
 
 def test_registry_and_presets():
-    assert get_attack("rtt") is attack_model and "rtt" in ATTACKS
+    assert isinstance(get_attack("rtt"), RTT) and ATTACKS["rtt"] is RTT
     with pytest.raises(ConfigError):
         get_attack("nope")
     p = RTTConfig.paper()
@@ -160,7 +159,7 @@ def test_training_texts_per_loss(world: Dataset, loss: str):
 
 
 def test_mcq_answer_loss_masks_the_prompt(world: Dataset, fresh):
-    from rtteval.attacks.rtt import _encode_items
+    from rtteval.attacks.relearn import _encode_items
 
     _, tok = fresh
     f = build_folds(world, RTTConfig(loss="mcq_answer", folds=["split_0"]))[0]
@@ -470,7 +469,7 @@ def test_train_splits_takes_the_next_k_splits_cyclically(world: Dataset):
     assert two.t == [names[0], names[1]]
     # all but V is the default, with the same training texts
     full = build_folds(world, RTTConfig(train_splits=len(names) - 1))
-    assert [f.train_texts for f in full] == [f.train_texts for f in build_folds(world)]
+    assert [f.train_texts for f in full] == [f.train_texts for f in build_folds(world, RTTConfig())]
     with pytest.raises(ConfigError, match="at most"):
         build_folds(world, RTTConfig(train_splits=len(names)))
     with pytest.raises(ConfigError, match="train_splits"):

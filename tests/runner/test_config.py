@@ -25,9 +25,10 @@ methods:
   - name: gd
     grid:
       lr: [1.0e-3, 3.0e-3]
-attack:
-  lrs: [1.0e-3]
-  epochs: 1
+attacks:
+  - name: rtt
+    lrs: [1.0e-3]
+    epochs: 1
 """
 
 
@@ -40,10 +41,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_good_config_resolves_paths_and_overrides(tmp_path: Path, monkeypatch) -> None:
     p = _write(tmp_path, GOOD)
     monkeypatch.chdir(REPO)
-    loaded = load_config(p, ["attack.epochs=3", "seeds=[0, 1]", "methods.0.grid.lr=[0.01]"])
+    loaded = load_config(p, ["attacks.0.epochs=3", "seeds=[0, 1]", "methods.0.grid.lr=[0.01]"])
     cfg = loaded.config
     assert cfg.output_dir == str(tmp_path / "out")  # relative to the config file
-    assert cfg.attack.epochs == 3 and cfg.seeds == [0, 1]
+    assert cfg.attacks[0].epochs == 3 and cfg.seeds == [0, 1]
     assert cfg.methods[0].grid == {"lr": [0.01]}
     over = load_config(p, ["output_dir=elsewhere"]).config
     assert over.output_dir == str(REPO / "elsewhere")  # command-line paths: relative to the CWD
@@ -58,7 +59,7 @@ def test_good_config_resolves_paths_and_overrides(tmp_path: Path, monkeypatch) -
         ),
         (
             ("  epochs: 1\n", "  epochs: many\n"),
-            r"study.yaml:15: field 'attack.epochs': Input should be a valid integer",
+            r"study.yaml:16: field 'attacks.0.epochs': Input should be a valid integer",
         ),
         (
             ("    world: {preset: tiny, seed: 0}\n", "    path: no/such/dir\n"),
@@ -83,7 +84,7 @@ def test_good_config_resolves_paths_and_overrides(tmp_path: Path, monkeypatch) -
             ("      lr: [1.0e-3, 3.0e-3]\n", "      bogus: [1]\n"),
             r"study.yaml:10: field 'methods.0': Value error, grid: method 'gd' has no setting 'bogus'",
         ),
-        (("  lrs: [1.0e-3]\n", "  lrs: [1.0e-3\n"), r"study.yaml:15: invalid YAML"),
+        (("  lrs: [1.0e-3]\n", "  lrs: [1.0e-3\n"), r"study.yaml:16: invalid YAML"),
     ],
 )
 def test_bad_configs_are_one_line_exit_2(tmp_path: Path, cli, edit, expect) -> None:
@@ -104,9 +105,9 @@ def test_bad_configs_are_one_line_exit_2(tmp_path: Path, cli, edit, expect) -> N
 
 def test_bad_override_and_missing_file(tmp_path: Path, cli) -> None:
     p = _write(tmp_path, GOOD)
-    res = cli("run", p, "attack.epochs=zero")
+    res = cli("run", p, "attacks.0.epochs=zero")
     assert res.returncode == 2
-    assert "override 'attack.epochs=zero': field 'attack.epochs'" in res.stderr
+    assert "override 'attacks.0.epochs=zero': field 'attacks.0.epochs'" in res.stderr
     res = cli("run", p, "executor.kind=slurm")
     assert res.returncode == 2 and "executor.kind" in res.stderr
     res = cli("run", tmp_path / "nope.yaml")
@@ -185,7 +186,7 @@ datasets:
     finetune_first: true
 methods:
   - name: gd
-attack: {lrs: [1.0e-3], epochs: 1}
+attacks: [{name: rtt, lrs: [1.0e-3], epochs: 1}]
 """
 
 

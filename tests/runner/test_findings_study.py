@@ -33,8 +33,8 @@ REDUCED = [
     # GD as configs/findings.yaml pins it: all weights, until forget accuracy <= 0.3
     "methods=[{name: gd, fixed: {train_only: [], adam_eps: 1.0e-8, max_steps: 300,"
     " target_forget_acc: 0.3}}]",
-    "attack.lrs=[1.0e-3, 3.0e-3]",
-    "attack.epochs=3",
+    "attacks.0.lrs=[1.0e-3, 3.0e-3]",
+    "attacks.0.epochs=3",
     "report.n_boot=200",
     "report.plots=false",
 ]

@@ -29,10 +29,11 @@ datasets:
 methods:
   - name: gd
     grid: {{lr: [1.0e-3]}}
-attack:
-  lrs: [1.0e-3]
-  epochs: 1
-  folds: [split_0, split_1]
+attacks:
+  - name: rtt
+    lrs: [1.0e-3]
+    epochs: 1
+    folds: [split_0, split_1]
 executor: {{kind: sequential}}
 debug: {{fake_jobs: true, sleep: {sleep}}}
 """
@@ -113,10 +114,11 @@ datasets:
     path: {world}
 methods:
 {methods}
-attack:
-  lrs: [1.0e-3]
-  epochs: 1
-  folds: [split_0]
+attacks:
+  - name: rtt
+    lrs: [1.0e-3]
+    epochs: 1
+    folds: [split_0]
 executor: {{kind: sequential, threads_per_worker: 1}}
 report: {{n_boot: 20, plots: false}}
 """

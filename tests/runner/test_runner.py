@@ -36,9 +36,10 @@ methods:
     grid: {{lr: [1.0e-3, 3.0e-3]}}
   - name: rmu
     grid: {{steering_coef: [10.0, 20.0]}}
-attack:
-  lrs: [1.0e-3, 3.0e-3]
-  epochs: 2
+attacks:
+  - name: rtt
+    lrs: [1.0e-3, 3.0e-3]
+    epochs: 2
 executor: {{kind: sequential}}
 retries: 1
 debug: {{fake_jobs: true, sleep: {sleep}}}
@@ -79,7 +80,7 @@ def test_sequential_then_rerun_skips_everything(tmp_path: Path) -> None:
     s2 = _run(p)
     assert s2.ran == 0 and set(_runs(out).values()) == {1}
     # a changed RTT grid re-runs the attacks only; everything upstream is reused
-    s3 = _run(p, "attack.epochs=3")
+    s3 = _run(p, "attacks.0.epochs=3")
     assert s3.ran == 20
     with Store.in_dir(out, readonly=True) as st:
         assert st.n_rows() == N_JOBS + 20
@@ -220,9 +221,10 @@ methods:
     grid: {{steering_coef: [10.0, 40.0]}}
     fixed: {{max_steps: 20}}
 selection: {{retain_threshold: 0.5}}
-attack:
-  lrs: [1.0e-3, 3.0e-3]
-  epochs: 2
+attacks:
+  - name: rtt
+    lrs: [1.0e-3, 3.0e-3]
+    epochs: 2
 executor: {{kind: sequential, threads_per_worker: 1}}
 report: {{n_boot: 100, plots: false}}
 """

@@ -241,9 +241,8 @@ def select_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
 
 @job_kind("attack")
 def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
-    """One (model, fold): the whole lr x epoch grid, weights restored in memory between lrs."""
+    """One (model, fold) of the registered attack ``config["attack"]``, settings under its name."""
     from rtteval.attacks import get_attack
-    from rtteval.attacks.rtt import RTTConfig
     from rtteval.pretrain import retain_eval_name, scoring_for
 
     ds, retain_ds = _datasets(config, deps)
@@ -258,14 +257,13 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
         r_name = retain_eval_name(ds)
         retain_q = list(ds.retain[r_name]) if r_name else []
     rt = config.get("_runtime", {})
-    cfg = RTTConfig.from_dict(config["rtt"])
-    cfg.folds = [fold]
+    attack = get_attack(config["attack"])
     scoring = scoring_for(ds, batch_size=int(rt.get("eval_batch_size", 128)))
     model, tok = _load(config, deps)
-    attack = get_attack(config["attack"])
-    result = attack(
-        model, tok, ds, cfg, scoring,
-        retain_questions=retain_q, label=config["label"], progress=False, log=print,
+    result = attack.run(
+        model, tok, ds, config[config["attack"]], scoring, folds=[fold],
+        retain_questions=retain_q, retain_dataset=retain_ds, label=config["label"],
+        progress=False, log=print,
     )  # fmt: skip
     _free(model)
     result.meta.update(role=config["role"], method=config.get("method"), seed=config["seed"])

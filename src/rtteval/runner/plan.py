@@ -64,6 +64,7 @@ class AttackGroup:
     base_dataset: str | None = None  # the dataset entry, when ``dataset`` is a |T| variant
     regime: str = "pretrained"  # when the facts were learned: pretrained | finetuned
     train_splits: int | None = None  # |T| of this group's folds (None: all splits but V)
+    attack: str = "rtt"  # the registered attack that ran
 
 
 @dataclass
@@ -73,7 +74,7 @@ class _Scope:
     dataset: str
     tag: str
     seed: int
-    folds: list[str]
+    splits: list[str] | None  # forget split names (None: unknown until the data exists)
     data_cfg: dict[str, Any]
     base_deps: list[Job]
     regime: str
@@ -174,23 +175,30 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         return ref, list(sc.base_deps)
 
     def attack_jobs(
-        sc: _Scope, role: str, label: str, method: str | None, src: Job | None,
+        sc: _Scope, att: Any, role: str, label: str, method: str | None, src: Job | None,
         ref: dict[str, Any] | None, select_key: str | None = None,
     ) -> None:  # fmt: skip
-        """One attack job per fold, for the full T and for each extra |T| in ``t_sizes``."""
+        """One job of attack ``att`` per fold, for the full T and each extra |T| in ``t_sizes``.
+
+        The job config holds the attack's resolved settings under its name
+        (RTT's under ``"rtt"``), so each attack's jobs are keyed by content.
+        Attacks other than RTT report under the dataset label ``"<name> [attack]"``.
+        """
         model, deps = model_source(sc, src, ref)
-        for k in [None, *sc.t_sizes]:
-            dataset = sc.dataset if k is None else f"{sc.dataset} |T|={k}"
+        folds = list(att.folds) if att.folds else (sc.splits or [UNKNOWN_FOLD])
+        base = sc.dataset if att.name == "rtt" else f"{sc.dataset} [{att.name}]"
+        for k in [None, *(sc.t_sizes if att.varies_t else [])]:
+            dataset = base if k is None else f"{base} |T|={k}"
             tag = f"{dataset} s{sc.seed}"
             keys = []
-            for fold in sc.folds:
+            for fold in folds:
                 j = add(
                     "attack", f"attack {label} {tag} {fold}",
                     # no dataset label in the key: the control's attacks serve both regimes
-                    {"attack": cfg.attack.name, "role": role, "label": label, "method": method,
+                    {"attack": att.name, "role": role, "label": label, "method": method,
                      "data": sc.data_cfg, "model": model, "fold": fold,
-                     "rtt": cfg.attack.rtt_dict(sc.seed, k), "seed": sc.seed},
-                    deps, eval_batch_size=cfg.attack.eval_batch_size, **hf_runtime,
+                     att.name: att.resolved(sc.seed, k), "seed": sc.seed},
+                    deps, eval_batch_size=att.eval_batch_size, **hf_runtime,
                 )  # fmt: skip
                 keys.append(j.key)
             groups.append(
@@ -201,11 +209,12 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                     label,
                     method,
                     keys,
-                    list(sc.folds),
+                    folds,
                     select_key,
                     base_dataset=sc.dataset,
                     regime=sc.regime,
                     train_splits=k,
+                    attack=att.name,
                 )  # fmt: skip
             )
 
@@ -223,13 +232,12 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         if ds.retain_splits:
             data_cfg["retain_splits"] = list(ds.retain_splits)
         splits = _split_names(ds, di, dry_run=dry_run)
-        folds = list(cfg.attack.folds) if cfg.attack.folds else splits
-        if splits is not None and cfg.attack.folds:
-            bad = [f for f in cfg.attack.folds if f not in splits]
+        for ai, att in enumerate(cfg.attacks):
+            bad = [f for f in att.folds or [] if splits is not None and f not in splits]
             if bad:
                 raise ConfigError(
                     f"fold(s) {bad} are not forget splits of dataset {dname!r} ({splits})",
-                    field="attack.folds",
+                    field=f"attacks.{ai}.folds",
                 )
         t_sizes = sorted(set(ds.t_sizes))
         if splits is not None:
@@ -241,8 +249,7 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                     field=f"datasets.{di}.t_sizes",
                 )
             t_sizes = [k for k in t_sizes if k < len(splits) - 1]  # the full T runs anyway
-        if folds is None:
-            folds = [UNKNOWN_FOLD]
+        if splits is None and not all(att.folds for att in cfg.attacks):
             notes.append(
                 f"dataset {dname!r}: forget splits unknown until {ds.path} exists; attack jobs "
                 "are counted once per model here (list them in datasets[].splits for an exact count)"
@@ -306,12 +313,13 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                         control_ref = {**hf_ref, "id": hf.control.id, "path": hf.control.path}
 
             regime = "finetuned" if ds.finetune_first else "pretrained"
-            sc = _Scope(dname, tag, seed, list(folds), data_cfg, list(base_deps), regime, t_sizes)
+            sc = _Scope(dname, tag, seed, splits, data_cfg, list(base_deps), regime, t_sizes)
 
-            if cfg.attack.controls:
-                attack_jobs(sc, "original", "original", None, original, original_ref)
-                if control is not None or control_ref is not None:
-                    attack_jobs(sc, "control", "control", None, control, control_ref)
+            for att in cfg.attacks:
+                if att.controls:
+                    attack_jobs(sc, att, "original", "original", None, original, original_ref)
+                    if control is not None or control_ref is not None:
+                        attack_jobs(sc, att, "control", "control", None, control, control_ref)
 
             for m in cfg.methods:
                 from rtteval.methods import get_method
@@ -350,7 +358,10 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                      "retain_threshold": cfg.selection.retain_threshold},
                     unlearn_jobs,
                 )  # fmt: skip
-                attack_jobs(sc, "unlearned", m.display, m.name, sel, None, select_key=sel.key)
+                for att in cfg.attacks:
+                    attack_jobs(
+                        sc, att, "unlearned", m.display, m.name, sel, None, select_key=sel.key
+                    )
 
     names = [p.job.name for p in jobs]
     if len(set(names)) != len(names):  # pragma: no cover - a planning bug, not a user error

@@ -1,7 +1,7 @@
 """The driver's report step: results.json from whatever attack jobs are done.
 
 Each attack job saved one fold of one model (``attack.json``, a one-fold
-:class:`~rtteval.attacks.rtt.ModelAttack`).  Here the folds of each model
+:class:`~rtteval.attacks.records.ModelAttack`).  Here the folds of each model
 are put back together in plan order and handed to
 :func:`rtteval.report.build_results`, which needs every model of a dataset
 to cover the same folds (its bootstrap pairs questions).  On partial
@@ -39,7 +39,7 @@ def _load_attack(out_dir: Path, artifacts: dict[str, Any] | None) -> dict[str, A
 
 def _merge(parts: list[dict[str, Any]]) -> Any:
     """One ModelAttack from one-fold attacks of the same model, in the given order."""
-    from rtteval.attacks.rtt import ModelAttack
+    from rtteval.attacks.records import ModelAttack
 
     d = dict(parts[0])
     d["folds"] = [f for p in parts for f in p["folds"]]
@@ -173,7 +173,8 @@ def _study_results(
                 },
                 n_boot=n_boot,
                 seed=min(g.seed for g in groups),
-                info={"base_dataset": groups[0].base_dataset, "regime": groups[0].regime},
+                info={"base_dataset": groups[0].base_dataset, "regime": groups[0].regime,
+                      "attack": groups[0].attack},  # fmt: skip
             )
         )
     all_missing = [m for ms in per_dataset_missing for m in ms]

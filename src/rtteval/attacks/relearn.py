@@ -1,0 +1,332 @@
+"""The fine-tuning loop every relearning attack shares: fold x lr grid, V measured every epoch.
+
+An attack decides *what* is trained on (its :class:`~rtteval.attacks.folds.Fold`
+items: T's facts for RTT, retain text for retain-only relearning); this
+module decides *how*: for each fold and learning rate, the model's initial
+weights are restored from an in-memory snapshot, it is fine-tuned with
+:func:`rtteval.train.train`, and V (the fold's held-out slice, and per
+``retain_eval`` the retain questions) is evaluated after every epoch.  The
+caller gets its model back unchanged, and the records of
+:mod:`rtteval.attacks.records`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rtteval.attacks.folds import Fold, TrainItem, question_id
+from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
+from rtteval.data.types import MCQ, Dataset
+from rtteval.errors import ConfigError
+from rtteval.models import restore_state, snapshot_state
+from rtteval.scoring import ScoringConfig, check_context, continuation_ids, evaluate_mcq
+from rtteval.train import (
+    Ensemble,
+    TrainConfig,
+    TrainResult,
+    encode_texts,
+    ensemble_unsupported,
+    lm_loss_fn,
+    make_batches,
+    train,
+)
+
+
+class RelearnSettings(Protocol):
+    """The grid and training settings :func:`relearn` reads from an attack's config."""
+
+    lrs: list[float]
+    epochs: int
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    grad_clip: float | None
+    warmup_steps: int
+    retain_eval: str
+    seed: int
+
+
+def scoring_to_dict(scoring: ScoringConfig) -> dict[str, Any]:
+    d = {k: v for k, v in asdict(scoring).items() if k != "dev"}
+    d["n_dev"] = len(scoring.dev)
+    return d
+
+
+def _encode_items(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[TrainItem]
+) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Token ids (BOS ... EOS); loss masks only when some item has a no-loss prompt."""
+    sources = [it.source for it in items]
+    if not any(it.prompt is not None for it in items):
+        return encode_texts(tokenizer, [it.text for it in items], sources=sources), None
+    seqs, masks = [], []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for it in items:
+        if it.prompt is None:
+            ids = encode_texts(tokenizer, [it.text])[0]
+            seqs.append(ids)
+            masks.append([1] * len(ids))
+            continue
+        if not it.text.startswith(it.prompt):
+            raise ValueError(f"prompt is not a prefix of its text: {it.text[:60]!r}")
+        ctx, cont = continuation_ids(tokenizer, it.prompt, it.text[len(it.prompt) :])
+        ids = ctx + cont + eos
+        seqs.append(ids)
+        masks.append([0] * len(ctx) + [1] * (len(cont) + len(eos)))
+    check_context(tokenizer, [len(x) for x in seqs], sources, what="a training text")
+    return seqs, masks
+
+
+class _Evaluator:
+    """Per-question correctness for named question groups.
+
+    Groups requested together are scored in one batched pass (fewer, fuller
+    batches), except under calibrated scoring, which subtracts a per-set mean
+    and so must see each set alone.  Scoring itself is
+    :func:`rtteval.scoring.evaluate_mcq` (with its one-pass-per-question path
+    for single-token choices, which matters because RTT evaluates after every
+    epoch of every run).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        scoring: ScoringConfig,
+        groups: dict[str, Sequence[MCQ]],
+    ):
+        self.tokenizer = tokenizer
+        self.scoring = scoring
+        self.groups = {k: list(v) for k, v in groups.items()}
+
+    def __call__(self, model: torch.nn.Module, names: Sequence[str]) -> dict[str, list[bool]]:
+        names = [n for n in names if self.groups.get(n)]
+        if not names:
+            return {}
+        if self.scoring.mode == "calibrated":
+            return {
+                n: evaluate_mcq(model, self.tokenizer, self.groups[n], self.scoring).correct
+                for n in names
+            }
+        allq = [q for n in names for q in self.groups[n]]
+        correct = evaluate_mcq(model, self.tokenizer, allq, self.scoring).correct
+        out, i = {}, 0
+        for n in names:
+            k = len(self.groups[n])
+            out[n] = correct[i : i + k]
+            i += k
+        return out
+
+
+def _acc(xs: Sequence[bool] | None) -> float | None:
+    return (sum(xs) / len(xs)) if xs else None
+
+
+def _ensemble_for(
+    model: torch.nn.Module, lrs: Sequence[float], batched: bool | None, name: str = "RTT"
+) -> Ensemble | None:
+    """The lr grid as one batched model, or None to train the lrs one by one.
+
+    Automatic (``batched=None``): batched when there are several lrs, every
+    layer of the model has a grouped version and, on a GPU, the G copies with
+    gradients and optimizer state fit twice over in free memory.
+    """
+    if batched is False or (batched is None and len(lrs) < 2):
+        return None
+    reason = ensemble_unsupported(model)
+    device = next(model.parameters()).device
+    if reason is None and batched is None and device.type == "cuda":
+        need = 5 * len(lrs) * sum(p.numel() * p.element_size() for p in model.parameters())
+        if torch.cuda.mem_get_info(device)[0] < 2 * need:
+            reason = f"{len(lrs)} copies need ~{need / 2**30:.1f} GiB"
+    if reason is not None:
+        if batched:
+            raise ConfigError(f"batched {name} impossible: {reason}")
+        return None
+    return Ensemble(model, lrs)
+
+
+def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
+    """One run's curve: an :class:`EpochEval` per evaluated epoch, with its mean training loss."""
+    epochs = []
+    for row in res.history:
+        ep = int(row["epoch"])
+        ls = res.losses[(ep - 1) * steps_per_epoch : ep * steps_per_epoch]
+        epochs.append(
+            EpochEval(
+                ep,
+                float(row["v_acc"]),
+                list(row["_v"]),
+                row["holdout_acc"],
+                None if row["_h"] is None else list(row["_h"]),
+                row["retain_acc"],
+                float(np.mean(ls)) if ls else None,
+            )
+        )
+    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message)
+
+
+
+def relearn(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    folds: Sequence[Fold],
+    cfg: RelearnSettings,
+    scoring: ScoringConfig,
+    *,
+    config: dict[str, Any],
+    retain_questions: Sequence[MCQ] | None = None,
+    label: str = "model",
+    name: str = "RTT",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    batched: bool | None = None,
+) -> ModelAttack:
+    """Fine-tune ``model`` on each fold's items for every lr in ``cfg.lrs``; the model is returned unchanged.
+
+    For each fold: V (and the fold's held-out slice) is evaluated before any
+    training; then, for each learning rate, the initial weights are restored
+    from an in-memory snapshot and the model is fine-tuned on the fold's
+    items for ``cfg.epochs`` epochs, evaluating V, the held-out slice and (per
+    ``cfg.retain_eval``) the retain questions after every epoch.  Epoch
+    batches are seeded by (seed, fold, epoch) and shared by all learning
+    rates, so the grid differs only in lr.  Provenance is the caller's to
+    check, immediately before calling this.
+
+    ``batched`` trains a fold's learning rates together as one
+    :class:`rtteval.train.Ensemble` (same numbers, up to float rounding; the
+    runs then share one ``wall_time``): ``None`` decides automatically (see
+    :func:`_ensemble_for`), ``False`` runs them one by one, ``True`` insists.
+    ``config`` is stored as the record's config; ``name`` labels progress.
+    """
+    retain_q = list(retain_questions or [])
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    was_training = model.training
+    snapshot = snapshot_state(model)
+    ensemble = _ensemble_for(model, cfg.lrs, batched, name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    fold_results: list[FoldAttack] = []
+    try:
+        model.eval()
+        retain_before = None
+        retain_ev = _Evaluator(tokenizer, scoring, {"r": retain_q})
+        if retain_q and cfg.retain_eval != "none":
+            retain_before = _acc(retain_ev(model, ["r"])["r"])
+        for fi, fold in enumerate(folds):
+            v_qs = dataset.splits[fold.v]
+            seqs, masks = _encode_items(tokenizer, fold.items)
+            restore_state(model, snapshot)  # "before" is the model as given, not after a run
+            ev = _Evaluator(tokenizer, scoring, {"v": v_qs, "h": fold.holdout, "r": retain_q})
+            groups0 = ev(model, ["v", "h"])
+            before = EpochEval(
+                0,
+                _acc(groups0["v"]) or 0.0,
+                groups0["v"],
+                _acc(groups0.get("h")),
+                groups0.get("h"),
+                retain_before,
+            )
+            batch_cache: dict[int, list] = {}
+
+            def batches(epoch: int, _fi: int = fi, _seqs=seqs, _masks=masks, _cache=batch_cache):
+                if epoch not in _cache:
+                    _cache[epoch] = make_batches(
+                        _seqs,
+                        cfg.batch_size,
+                        pad_id,
+                        seed=cfg.seed * 1_000_003 + _fi * 1009 + epoch,
+                        loss_masks=_masks,
+                    )
+                return _cache[epoch]
+
+            n_evals: dict[int, int] = {}  # per evaluated model, for retain_eval="end"
+
+            def evaluate(m: torch.nn.Module, _ev=ev, _n=n_evals):
+                _n[id(m)] = _n.get(id(m), 0) + 1
+                with_retain = cfg.retain_eval == "epoch" or (
+                    cfg.retain_eval == "end" and _n[id(m)] == cfg.epochs
+                )
+                res = _ev(m, ["v", "h", "r"] if with_retain else ["v", "h"])
+                return {
+                    "v_acc": _acc(res["v"]),
+                    "holdout_acc": _acc(res.get("h")),
+                    "retain_acc": _acc(res.get("r")),
+                    "_v": res["v"],
+                    "_h": res.get("h"),
+                }
+
+            tcfg = TrainConfig(
+                lr=cfg.lrs[0],
+                epochs=cfg.epochs,
+                optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay,
+                warmup_steps=cfg.warmup_steps,
+                schedule="constant",
+                grad_clip=cfg.grad_clip,
+                seed=cfg.seed,
+                eval_every_epochs=1,
+            )
+            what = f"{name} {label} V={fold.v}"
+            if ensemble is not None:  # every lr at once; the model stays at the snapshot
+                ensemble.reset_(model)
+                bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
+                results = train(
+                    ensemble,
+                    batches,
+                    lm_loss_fn,
+                    tcfg,
+                    evaluate=evaluate,
+                    progress=bar if progress else None,
+                )
+            else:
+                results = []
+                for lr in cfg.lrs:
+                    restore_state(model, snapshot)
+                    n_evals.clear()
+                    results.append(
+                        train(
+                            model,
+                            batches,
+                            lm_loss_fn,
+                            replace(tcfg, lr=lr),
+                            evaluate=evaluate,
+                            progress=f"{what} lr={lr:g}" if progress else None,
+                        )
+                    )
+            runs = []
+            for lr, res in zip(cfg.lrs, results, strict=True):
+                runs.append(_run_result(lr, res, max(1, len(batches(0)))))
+                curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
+                say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
+            fold_results.append(
+                FoldAttack(
+                    v=fold.v,
+                    t=list(fold.t),
+                    question_ids=[question_id(q) for q in v_qs],
+                    n_choices=[len(q.choices) for q in v_qs],
+                    before=before,
+                    runs=runs,
+                    provenance=fold.provenance(),
+                )
+            )
+    finally:
+        restore_state(model, snapshot)
+        model.train(was_training)
+    return ModelAttack(
+        label=label,
+        dataset=dataset.name,
+        config=config,
+        scoring=scoring_to_dict(scoring),
+        folds=fold_results,
+        retain_before=retain_before,
+        wall_time=time.perf_counter() - t0,
+        meta={"n_retain": len(retain_q), "device": str(next(model.parameters()).device)},
+    )

@@ -1,0 +1,140 @@
+"""Retain-only relearning: fine-tune on retain data only, measure V.
+
+The control experiment for RTT.  Fine-tuning on *any* text may undo a
+shallow unlearning (the hiding is fragile, not the facts recovered from
+T).  So this attack trains every arm (unlearned, original, control) on
+retain text alone — no forget fact of any split, T or V — over the same
+lr x epoch grid, and measures V after every epoch exactly as RTT does.  If
+V comes back here too, RTT's recovery is not evidence that T taught V.
+
+Its provenance: every forget split's facts are searched for in the retain
+training texts (:func:`rtteval.attacks.folds.check_provenance` with each
+forget split as V), so a retain corpus that states a forget fact fails
+before any training.  The retain texts are
+:func:`rtteval.unlearn.retain_data`'s, the ones unlearning trains its retain
+loss on, and never the retain questions that are evaluated.
+
+This module is the whole attack: config type, provenance, ``run``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from rtteval.attacks.base import AttackConfig, register_attack
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from rtteval.attacks.folds import Fold
+    from rtteval.attacks.records import ModelAttack
+    from rtteval.data.types import MCQ, Dataset
+    from rtteval.scoring import ScoringConfig
+
+#: The recorded split of every training text: not a forget split.
+RETAIN = "retain"
+
+
+class RetainRelearnConfig(AttackConfig):
+    """Retain-only relearning in a study's ``attacks:``: the fine-tuning grid, as RTT's.
+
+    ``max_texts`` caps the retain texts (a seeded sample; ``None``: all), e.g.
+    to train on as many texts as RTT's T has.
+    """
+
+    name: Literal["retain_relearn"] = "retain_relearn"
+    lrs: list[Annotated[float, Field(gt=0)]] = Field([3e-4, 1e-3, 3e-3], min_length=1)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    retain_eval: Literal["epoch", "end", "none"] = "epoch"
+    max_texts: int | None = Field(None, ge=1)
+
+    title: ClassVar[str] = "retain-only relearning: fine-tune on retain text only, measure V"
+
+
+def retain_folds(
+    dataset: Dataset,
+    texts: Sequence[str],
+    sources: Sequence[str | None] | None,
+    vs: Sequence[str],
+) -> list[Fold]:
+    """One fold per V, each training on the same retain texts; provenance checked for every split."""
+    from rtteval.attacks.folds import Fold, TrainItem, check_provenance
+
+    items = [
+        TrainItem(t, RETAIN, f"{RETAIN}#{i}", source=sources[i] if sources else None)
+        for i, t in enumerate(texts)
+    ]
+    folds = [Fold(v, [], RETAIN, items) for v in vs]
+    if folds:
+        # no fact of ANY forget split (T or V) may be in the retain texts
+        for s in dataset.split_names:
+            check_provenance(replace(folds[0], v=s, t=[RETAIN]), dataset)
+    return folds
+
+
+@register_attack("retain_relearn")
+class RetainRelearn:
+    """Fine-tune on retain data only; V measured per epoch, as RTT (this module's docstring)."""
+
+    name: ClassVar[str] = "retain_relearn"
+    config_type: ClassVar[type[AttackConfig]] = RetainRelearnConfig
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        dataset: Dataset,
+        config: dict[str, Any],
+        scoring: ScoringConfig | None = None,
+        *,
+        folds: Sequence[str] | None = None,
+        retain_questions: Sequence[MCQ] | None = None,
+        retain_dataset: Dataset | None = None,
+        label: str = "model",
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> ModelAttack:
+        from rtteval.attacks.relearn import relearn
+        from rtteval.errors import ConfigError, DataError
+        from rtteval.pretrain import scoring_for
+        from rtteval.unlearn import retain_data
+
+        seed = int(config.get("seed", 0))
+        cfg = RetainRelearnConfig.model_validate({k: v for k, v in config.items() if k != "seed"})
+        vs = list(folds) if folds else dataset.split_names
+        unknown = [v for v in vs if v not in dataset.splits]
+        if unknown:
+            raise ConfigError(
+                f"unknown fold(s) {unknown}; forget splits are {dataset.split_names}", field="folds"
+            )
+        rd = retain_data(dataset, retain_dataset, seed=seed)
+        texts, sources = list(rd.texts), rd.text_sources
+        if cfg.max_texts is not None and len(texts) > cfg.max_texts:
+            keep = sorted(random.Random(f"rtteval-retain-relearn/{seed}").sample(
+                range(len(texts)), cfg.max_texts))  # fmt: skip
+            texts = [texts[i] for i in keep]
+            sources = [sources[i] for i in keep] if sources else None
+        if not texts:
+            raise DataError(f"{dataset.name}: no retain text to train on ({rd.source})")
+        fs = retain_folds(dataset, texts, sources, vs)
+        settings = SimpleNamespace(**cfg.model_dump(), seed=seed)
+        record = {**cfg.resolved(seed), "loss": RETAIN, "folds": vs, "retain_source": rd.source,
+                  "n_retain_texts": len(texts)}  # fmt: skip
+        return relearn(
+            model, tokenizer, dataset, fs, settings, scoring or scoring_for(dataset, batch_size=128),
+            config=record,
+            retain_questions=rd.eval_questions if retain_questions is None else retain_questions,
+            label=label, name="retain-relearn", progress=progress, log=log,
+        )  # fmt: skip
