@@ -220,11 +220,15 @@ def cast_for_precision(model: torch.nn.Module, precision: str) -> str:
     """
     params = list(model.parameters())
     mode = resolve_precision(precision, params[0].device)
-    dtype = PRECISIONS[mode][0]
-    for p in params:
+    cast_parameters(model, [PRECISIONS[mode][0]] * len(params))
+    return mode
+
+
+def cast_parameters(model: torch.nn.Module, dtypes: Sequence[torch.dtype]) -> None:
+    """Give each floating-point parameter its dtype from ``dtypes`` (in parameter order)."""
+    for p, dtype in zip(model.parameters(), dtypes, strict=True):
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
-    return mode
 
 
 def rounding_step(magnitude: float, dtype: torch.dtype) -> float:
