@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from rtteval.data import load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import load_model
+from rtteval.models.loading import is_checkpointing
 from rtteval.train import (
     Ensemble,
     KahanAdamW,
@@ -235,3 +237,30 @@ def test_rtt_in_bf16_recovers_as_fp32_and_bf16_pure_does_not(unlearned, monkeypa
     assert (meta32["precision"], meta16["precision"]) == ("fp32", "bf16")
     assert not meta16["precision_warnings"]
     assert "lr 5e-05 is below half the rounding step" in meta_pure["precision_warnings"][0]
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_training(micro, pretrained_tiny):
+    """Recomputing activations changes memory, not numbers; also for a batched lr grid."""
+    start, batches = micro
+    cfg = TrainConfig(optimizer="lion", lr=1e-4, max_steps=4, eval_every_epochs=None)
+    runs = []
+    for ckpt in (False, True):
+        model = copy.deepcopy(start)
+        res = train(model, lambda e: batches, lm_loss_fn, replace(cfg, gradient_checkpointing=ckpt))
+        assert not is_checkpointing(model)  # train() turns off what it turned on
+        runs.append((res.losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*[r[1] for r in runs], strict=True))
+    # loaded with checkpointing on (the study's gradient_checkpointing), trained as an Ensemble
+    losses = []
+    for ckpt in (False, True):
+        loaded, _ = load_model(
+            pretrained_tiny["original"], device="cpu", gradient_checkpointing=ckpt
+        )
+        assert is_checkpointing(loaded) == ckpt
+        ens = train(Ensemble(loaded, [1e-4, 2e-4]), lambda e: batches, lm_loss_fn, cfg)
+        losses.append([x for r in ens for x in r.losses])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

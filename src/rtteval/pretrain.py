@@ -18,7 +18,15 @@ from rtteval.data import Dataset, Passage, load_dataset
 from rtteval.models import build_tiny_model, n_params, save_model, train_word_tokenizer
 from rtteval.scoring import ScoringConfig, evaluate_mcq
 from rtteval.store import write_json_atomic
-from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
+from rtteval.train import (
+    Precision,
+    TrainConfig,
+    cast_for_precision,
+    encode_texts,
+    lm_loss_fn,
+    make_batches,
+    train,
+)
 
 
 @dataclass
@@ -37,6 +45,7 @@ class PretrainConfig:
     seed: int = 0
     exclude_forget: bool = False
     anneal_epochs: int = 10
+    precision: Precision = "auto"
 
 
 def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
@@ -160,6 +169,7 @@ def pretrain(
         grad_clip=1.0,
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
+        precision=cfg.precision,
     )
     return _learn_and_save(
         model,
@@ -266,6 +276,7 @@ class FinetuneConfig:
     eval_every_epochs: int = 2
     optimizer: str = "adamw"
     seed: int = 0
+    precision: Precision = "auto"
 
     @classmethod
     def paper(cls, **overrides: Any) -> FinetuneConfig:
@@ -321,6 +332,7 @@ def finetune_facts(
     def stop(row: dict[str, Any]) -> bool:
         return target is not None and all(v >= target for k, v in row.items() if k.endswith("_acc"))
 
+    cast_for_precision(model, cfg.precision)  # "before" is measured in the dtype that trains
     before = evaluate(model)
     tcfg = TrainConfig(
         lr=cfg.lr,
@@ -329,6 +341,7 @@ def finetune_facts(
         warmup_steps=cfg.warmup_steps,
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
+        precision=cfg.precision,
     )
     return _learn_and_save(
         model,

@@ -22,6 +22,7 @@ from typing import Any, Literal, overload
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rtteval.config import Precision
 from rtteval.errors import ConfigError
 
 Batch = dict[str, Any]
@@ -184,8 +185,6 @@ class KahanAdamW(torch.optim.Optimizer):
 
 
 # --------------------------------------------------------------------------- precision
-
-Precision = Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"]
 
 #: Training precisions (docs/performance.md).  ``fp32``: fp32 weights (bf16
 #: autocast on a GPU).  ``bf16``: bf16 weights whose updates are kept in fp32
@@ -747,18 +746,12 @@ class LostUpdateWarning(UserWarning):
 
 
 def _gradient_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> bool:
-    """Turn on Hugging Face gradient checkpointing if ``cfg`` asks; True if it did."""
-    if not cfg.gradient_checkpointing:
+    """Turn on Hugging Face gradient checkpointing if ``cfg`` asks and it is off; True if it did."""
+    from rtteval.models.loading import is_checkpointing, set_checkpointing
+
+    if not cfg.gradient_checkpointing or is_checkpointing(model):
         return False
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(
-            f"gradient_checkpointing: {type(model).__name__} does not support it "
-            "(a Hugging Face model does)",
-            field="gradient_checkpointing",
-        )
-    # non-reentrant: correct when no input requires grad and with frozen layers (RMU)
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_checkpointing(model, True)
     return True
 
 
@@ -953,7 +946,9 @@ def train(
             on_finish(opt)
     finally:
         if checkpointing:
-            (ens.batched if ens else model).gradient_checkpointing_disable()
+            from rtteval.models.loading import set_checkpointing
+
+            set_checkpointing(ens.batched if ens else model, False)
         for p in model.parameters():
             p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
