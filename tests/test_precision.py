@@ -264,3 +264,62 @@ def test_gradient_checkpointing_gives_the_same_training(micro, pretrained_tiny):
         ens = train(Ensemble(loaded, [1e-4, 2e-4]), lambda e: batches, lm_loss_fn, cfg)
         losses.append([x for r in ens for x in r.losses])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+STUDY = """\
+name: t
+output_dir: out
+model: {tiny: {preset: micro}}
+datasets: [{name: w, world: {preset: tiny, seed: 0}}]
+methods: [{name: gd, grid: {lr: [1.0e-3]}}]
+attack: {lrs: [1.0e-3], epochs: 1}
+"""
+
+
+def _plan(tmp_path: Path, extra: str = "", attack: str | None = None):
+    from rtteval.config import load_config
+    from rtteval.runner.plan import build_plan
+
+    path = tmp_path / "study.yaml"
+    text = STUDY if attack is None else STUDY.replace("attack: {lrs: [1.0e-3], epochs: 1}", attack)
+    path.write_text(text + extra)
+    return build_plan(load_config(path).config)
+
+
+def test_study_precision_reaches_every_training_job(tmp_path: Path):
+    """Declared once; the attack may differ; ``auto`` leaves job keys as they were."""
+    auto = _plan(tmp_path)
+    assert all("precision" not in p.job.config for p in auto.jobs)
+    assert all("gradient_checkpointing" not in p.runtime for p in auto.jobs)
+    plan = _plan(tmp_path, "precision: bf16\ngradient_checkpointing: true\n")
+    by_stage: dict[str, set] = {}
+    for p in plan.jobs:
+        by_stage.setdefault(p.job.stage, set()).add(p.job.config.get("precision"))
+    assert by_stage == {
+        "world": {None}, "pretrain": {"bf16"}, "unlearn": {"bf16"}, "select": {None},
+        "attack": {"bf16"},
+    }  # fmt: skip
+    assert all(p.runtime.get("gradient_checkpointing") for p in plan.jobs)
+    # the paper's released RTT ran in fp16: the attack alone can say so
+    fp16 = _plan(
+        tmp_path, "precision: bf16\n", attack="attack: {lrs: [1.0e-3], epochs: 1, precision: fp16}"
+    )
+    stages = {(p.job.stage, p.job.config.get("precision")) for p in fp16.jobs}
+    assert ("attack", "fp16") in stages and ("unlearn", "bf16") in stages
+    assert ("attack", "bf16") not in stages
+
+
+def test_unknown_precision_is_one_line_exit_2(tmp_path: Path, cli, pretrained_tiny):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY + "precision: bf32\n")
+    r = cli("run", str(path), "--dry-run")
+    assert r.returncode == 2 and "study.yaml:7: field 'precision'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    w = pretrained_tiny
+    r = cli("attack", "--model", w["original"], "--original", w["original"], "--data", w["world"],
+            "--out", tmp_path / "a", "--precision", "half")  # fmt: skip
+    assert r.returncode == 2 and "unknown precision 'half'" in r.stderr, r.stderr
+    assert not (tmp_path / "a" / "results.json").exists()

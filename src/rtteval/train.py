@@ -202,13 +202,18 @@ PRECISIONS: dict[str, tuple[torch.dtype, bool]] = {
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` is ``bf16`` on a GPU (keeps every update, half the weight memory) and ``fp32``
     elsewhere, so CPU numbers are those of fp32 training."""
+    check_precision(precision)
     if precision == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
+    return precision
+
+
+def check_precision(precision: str) -> None:
+    """Refuse an unknown precision name before any work is done."""
+    if precision != "auto" and precision not in PRECISIONS:
         raise ConfigError(
             f"unknown precision {precision!r}; use auto, {', '.join(PRECISIONS)}", field="precision"
         )
-    return precision
 
 
 def cast_for_precision(model: torch.nn.Module, precision: str) -> str:

@@ -60,6 +60,7 @@ from rtteval.train import (
     Precision,
     TrainConfig,
     cast_for_precision,
+    check_precision,
     encode_texts,
     make_batches,
     train,
@@ -129,6 +130,7 @@ def resolve_config(cfg: UnlearnConfig, method: Method, scale: str) -> UnlearnCon
     """Fill the unset fields and hyperparameters from the method's defaults for ``scale``."""
     defaults = method.defaults.get(scale) or method.defaults["tiny"]
     method.check_hparams(cfg.hparams)
+    check_precision(cfg.precision)
     out = replace(cfg, method=method.name, scale=scale)
     for k in TRAIN_DEFAULT_KEYS:
         if getattr(out, k) is None and k in defaults:

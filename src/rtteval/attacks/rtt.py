@@ -50,6 +50,7 @@ from rtteval.train import (
     TrainResult,
     cast_for_precision,
     cast_parameters,
+    check_precision,
     encode_texts,
     ensemble_unsupported,
     lm_loss_fn,
@@ -153,6 +154,7 @@ class RTTConfig:
             raise ConfigError("retain_eval must be epoch, end or none", field="retain_eval")
         if self.train_splits is not None and self.train_splits < 1:
             raise ConfigError("train_splits must be >= 1 (or None: all)", field="train_splits")
+        check_precision(self.precision)
         return self
 
     def to_dict(self) -> dict[str, Any]:
