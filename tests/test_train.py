@@ -200,7 +200,9 @@ def test_ensemble_trains_each_lr_as_if_alone(optimizer):
     assert alone[0][0].losses[-1] != pytest.approx(alone[2][0].losses[-1], rel=1e-3)
 
 
-@pytest.mark.parametrize(("optimizer", "huge"), [("adamw", 1e6), ("lion", 1e10)])
+# AdamW at 1e6 overflowed to nan on one CPU and stayed finite (a dead model at loss ln V) on
+# another; at 1e9 the first step's attention logits overflow on any IEEE machine
+@pytest.mark.parametrize(("optimizer", "huge"), [("adamw", 1e9), ("lion", 1e10)])
 def test_ensemble_member_that_diverges_is_frozen_and_the_others_go_on(optimizer, huge):
     lrs = [1e-3, huge, 3e-3] if optimizer == "adamw" else [1e-4, huge, 1e-3]
     alone, together, ens = _grid_runs(optimizer, lrs, grad_clip=1.0)

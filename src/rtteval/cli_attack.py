@@ -89,6 +89,10 @@ def attack_cmd(
     ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, bf16-pure or fp16"),
+    ] = None,
     method_name: Annotated[
         str | None, typer.Option(help="label of the unlearned model in the report")
     ] = None,
@@ -115,6 +119,7 @@ def attack_cmd(
     from rtteval.pretrain import retain_eval_name, scoring_for
     from rtteval.report import build_results, summary_table, write_report
     from rtteval.store import write_json_atomic
+    from rtteval.train import check_precision
 
     if threads:
         torch.set_num_threads(threads)
@@ -132,8 +137,11 @@ def attack_cmd(
         "loss": loss,
         "holdout_fraction": holdout_fraction,
         "overlap": overlap,
+        "precision": precision,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if precision is not None:
+        check_precision(precision)  # names the known precisions
     own = runner.config_type.model_fields
     for k in given:
         if k not in own:
@@ -146,7 +154,7 @@ def attack_cmd(
         err = e.errors()[0]
         where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "--attack"
         raise ConfigError(err["msg"].removeprefix("Value error, "), field=where) from None
-    settings = spec.resolved(seed if seed is not None else 0)
+    settings = {**spec.resolved(seed if seed is not None else 0), "precision": precision or "auto"}
     fold_list = [f.strip() for f in folds.split(",") if f.strip()] if folds else None
     ds = load_dataset(data)
     scoring = scoring_for(ds, batch_size=eval_batch_size)

@@ -46,6 +46,10 @@ __all__ = [
 ]
 
 
+#: Training precision of every stage (:data:`rtteval.train.PRECISIONS`, docs/performance.md).
+Precision = Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -256,6 +260,7 @@ class FinetuneSpec(_Strict):
                 setattr(base, "max_epochs" if k == "epochs" else k, v)
         d = asdict(base)
         d.pop("seed")
+        d.pop("precision")  # the study's, added to the job by the plan
         return d
 
 
@@ -343,7 +348,9 @@ def _attack_configs(entries: Any) -> list[Any]:
         if isinstance(e, str):  # ``- rtt``: the attack with its defaults
             e = {"name": e}
         if not isinstance(e, dict) or "name" not in e:
-            raise LocatedError((i,), f"an attack needs a 'name' (one of {', '.join(sorted(ATTACKS))})")
+            raise LocatedError(
+                (i,), f"an attack needs a 'name' (one of {', '.join(sorted(ATTACKS))})"
+            )
         if e["name"] not in ATTACKS:
             raise LocatedError(
                 (i, "name"), f"unknown attack {e['name']!r}; known: {', '.join(sorted(ATTACKS))}"
@@ -432,6 +439,11 @@ class StudyConfig(_Strict):
     output_dir: str
     seeds: list[int] = Field([0], min_length=1)
     device: str = "auto"
+    #: Of every training stage (pretrain, finetune, unlearn, attack); a method's ``fixed`` or
+    #: ``grid`` may set its own.  ``auto``: bf16 (every update kept) on a GPU, fp32 on CPU.
+    precision: Precision = "auto"
+    #: Recompute activations in backward (Hugging Face models): no change to the numbers.
+    gradient_checkpointing: bool = False
     model: ModelSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
     methods: list[MethodSpec] = Field(min_length=1)

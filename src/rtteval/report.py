@@ -550,10 +550,13 @@ def _attacks_note(summary: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     from rtteval.attacks import ATTACKS
 
-    out = ["**Attacks.** Rows without a bracket are RTT. Rows labelled `<dataset> [attack]` are:", ""]
+    out = [
+        "**Attacks.** Rows without a bracket are RTT. Rows labelled `<dataset> [attack]` are:",
+        "",
+    ]
     for name in others:
         title = ATTACKS[name].config_type.title if name in ATTACKS else "(not installed)"
-        out.append(f"- `{name}`: {title}; its \"+RTT\" columns are after this attack's fine-tuning")
+        out.append(f'- `{name}`: {title}; its "+RTT" columns are after this attack\'s fine-tuning')
     return [*out, ""]
 
 

@@ -23,7 +23,7 @@ union discriminated on ``name`` over the registered config types.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -44,7 +44,9 @@ class AttackConfig(BaseModel):
     ``folds``: the V splits to measure (``None``: every forget split);
     ``controls``: also attack the original (ceiling) and the never-learned
     control (floor), which the report needs; ``eval_batch_size``: questions
-    per scoring batch (not in job keys: it changes no number).
+    per scoring batch (not in job keys: it changes no number); ``precision``:
+    the plan adds it to the job (absent when ``auto``) and ``run`` receives
+    it in its config dict.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +55,8 @@ class AttackConfig(BaseModel):
     folds: list[str] | None = Field(None, min_length=1)
     controls: bool = True
     eval_batch_size: int = Field(128, ge=1)
+    #: Overrides the study's ``precision`` for this attack (``fp16``: the paper's released RTT).
+    precision: Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"] | None = None
 
     #: Whether ``datasets[].t_sizes`` repeats this attack with a smaller T.
     varies_t: ClassVar[bool] = False
@@ -61,7 +65,7 @@ class AttackConfig(BaseModel):
 
     def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The attack's own settings as stored in job keys and results (``run`` takes them)."""
-        d = self.model_dump(exclude={"name", "folds", "controls", "eval_batch_size"})
+        d = self.model_dump(exclude={"name", "folds", "controls", "eval_batch_size", "precision"})
         d["seed"] = seed
         return d
 

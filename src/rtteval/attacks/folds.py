@@ -36,7 +36,6 @@ class ProvenanceError(AssertionError):
     """A V fact reached T's training data (or the held-out slice): the attack would be invalid."""
 
 
-
 class FoldSettings(Protocol):
     """What :func:`build_folds` reads from a config (RTT's :class:`~rtteval.attacks.rtt.RTTConfig`)."""
 
@@ -424,4 +423,3 @@ def check_provenance(fold: Fold, dataset: Dataset) -> None:
             f"fold V={fold.v}: {len(problems)} provenance violation(s); V facts must never "
             f"be trained on:\n  {shown}{more}"
         )
-

@@ -249,4 +249,3 @@ class ModelAttack:
             wall_time=float(d.get("wall_time", 0.0)),
             meta=d.get("meta", {}),
         )
-

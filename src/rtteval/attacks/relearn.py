@@ -31,6 +31,8 @@ from rtteval.train import (
     Ensemble,
     TrainConfig,
     TrainResult,
+    cast_for_precision,
+    cast_parameters,
     encode_texts,
     ensemble_unsupported,
     lm_loss_fn,
@@ -51,6 +53,7 @@ class RelearnSettings(Protocol):
     warmup_steps: int
     retain_eval: str
     seed: int
+    precision: str
 
 
 def scoring_to_dict(scoring: ScoringConfig) -> dict[str, Any]:
@@ -172,7 +175,6 @@ def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
     return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message)
 
 
-
 def relearn(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -211,9 +213,12 @@ def relearn(
     t0 = time.perf_counter()
     was_training = model.training
     snapshot = snapshot_state(model)
+    dtypes = [p.dtype for p in model.parameters()]
+    precision = cast_for_precision(model, cfg.precision)  # undone below: model comes back as given
     ensemble = _ensemble_for(model, cfg.lrs, batched, name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fold_results: list[FoldAttack] = []
+    warned: set[str] = set()
     try:
         model.eval()
         retain_before = None
@@ -273,6 +278,7 @@ def relearn(
                 grad_clip=cfg.grad_clip,
                 seed=cfg.seed,
                 eval_every_epochs=1,
+                precision=cfg.precision,
             )
             what = f"{name} {label} V={fold.v}"
             if ensemble is not None:  # every lr at once; the model stays at the snapshot
@@ -303,6 +309,7 @@ def relearn(
                     )
             runs = []
             for lr, res in zip(cfg.lrs, results, strict=True):
+                warned.update(res.warnings)
                 runs.append(_run_result(lr, res, max(1, len(batches(0)))))
                 curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
                 say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
@@ -318,6 +325,7 @@ def relearn(
                 )
             )
     finally:
+        cast_parameters(model, dtypes)
         restore_state(model, snapshot)
         model.train(was_training)
     return ModelAttack(
@@ -328,5 +336,10 @@ def relearn(
         folds=fold_results,
         retain_before=retain_before,
         wall_time=time.perf_counter() - t0,
-        meta={"n_retain": len(retain_q), "device": str(next(model.parameters()).device)},
+        meta={
+            "n_retain": len(retain_q),
+            "device": str(next(model.parameters()).device),
+            "precision": precision,
+            "precision_warnings": sorted(warned),
+        },
     )

@@ -129,7 +129,9 @@ class RetainRelearn:
         if not texts:
             raise DataError(f"{dataset.name}: no retain text to train on ({rd.source})")
         fs = retain_folds(dataset, texts, sources, vs)
-        settings = SimpleNamespace(**cfg.model_dump(), seed=seed)
+        settings = SimpleNamespace(
+            **{**cfg.model_dump(), "precision": cfg.precision or "auto"}, seed=seed
+        )
         record = {**cfg.resolved(seed), "loss": RETAIN, "folds": vs, "retain_source": rd.source,
                   "n_retain_texts": len(texts)}  # fmt: skip
         return relearn(

@@ -48,6 +48,7 @@ from rtteval.attacks.relearn import relearn
 from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError
 from rtteval.scoring import ScoringConfig
+from rtteval.train import Precision, check_precision
 
 __all__ = ["RTT", "RTTConfig", "RTTSpec", "attack_model"]
 
@@ -96,6 +97,7 @@ class RTTConfig:
     warmup_steps: int = 0
     train_splits: int | None = None
     seed: int = 0
+    precision: Precision = "auto"
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
@@ -140,6 +142,7 @@ class RTTConfig:
             raise ConfigError("retain_eval must be epoch, end or none", field="retain_eval")
         if self.train_splits is not None and self.train_splits < 1:
             raise ConfigError("train_splits must be >= 1 (or None: all)", field="train_splits")
+        check_precision(self.precision)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,7 +152,6 @@ class RTTConfig:
     def from_dict(cls, d: dict[str, Any]) -> RTTConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
 
 
 class RTTSpec(AttackConfig):
@@ -181,7 +183,7 @@ class RTTSpec(AttackConfig):
     def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The resolved :class:`RTTConfig` as a dict (stored in job keys)."""
         base = RTTConfig.paper() if self.paper else RTTConfig()
-        skip = {"name", "paper", "eval_batch_size", "controls", "folds"}
+        skip = {"name", "paper", "eval_batch_size", "controls", "folds", "precision"}
         for k, v in self.model_dump().items():
             # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
             if k not in skip and (
@@ -192,7 +194,9 @@ class RTTSpec(AttackConfig):
         base.train_splits = train_splits
         base.folds = None
         base.validate()
-        return base.to_dict()
+        d = base.to_dict()
+        d.pop("precision")  # added to the job by the plan
+        return d
 
 
 def attack_model(

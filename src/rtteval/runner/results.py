@@ -173,8 +173,11 @@ def _study_results(
                 },
                 n_boot=n_boot,
                 seed=min(g.seed for g in groups),
-                info={"base_dataset": groups[0].base_dataset, "regime": groups[0].regime,
-                      "attack": groups[0].attack},  # fmt: skip
+                info={
+                    "base_dataset": groups[0].base_dataset,
+                    "regime": groups[0].regime,
+                    "attack": groups[0].attack,
+                },  # fmt: skip
             )
         )
     all_missing = [m for ms in per_dataset_missing for m in ms]
