@@ -95,7 +95,7 @@ def _study_results(
                         done[gi][fold] = a
         originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
         if not originals:
-            missing.append(f"{dataset}: the original model is not attacked (attack.controls: "
+            missing.append(f"{dataset}: the original model is not attacked (attacks[].controls: "
                            "false), and recovery is measured against it")  # fmt: skip
             continue
         fold_order = groups[originals[0]].folds
