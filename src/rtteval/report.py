@@ -32,12 +32,15 @@ from rtteval.attacks.rtt import ModelAttack
 from rtteval.errors import UserError
 from rtteval.metrics import (
     N_BOOT,
+    Arm,
     CurvePoint,
-    bootstrap_mean_ci,
-    bootstrap_recovery_ci,
     chance_level,
+    floor_recovery,
+    hierarchical_bootstrap,
+    percentile_ci,
     recovery,
     recovery_raw,
+    rtt_intervals,
     select_honest,
     select_optimistic,
 )
@@ -86,19 +89,34 @@ def _ci(x: tuple[float, float] | None) -> list[float] | None:
     return None if x is None else [float(x[0]), float(x[1])]
 
 
-class _Picked:
-    """One model group's (seeds') selected points: correctness [S, N], chosen (lr, epoch)s."""
+def fold_index(attack: ModelAttack) -> np.ndarray:
+    """Each V question's fold (position in ``attack.folds``), folds concatenated."""
+    return np.concatenate([np.full(len(f.question_ids), i) for i, f in enumerate(attack.folds)])
+
+
+class Picked:
+    """One model group's (seeds') selected points: correctness [S, N], chosen (lr, epoch)s.
+
+    ``arm`` holds every seed's whole grid (replicates kept apart) for the
+    hierarchical bootstrap, which can redo the choice; seeds whose every
+    run diverged have no chosen point and are left out of both.
+    """
 
     def __init__(self, attacks: list[ModelAttack], rule: str):
         self.chosen: list[CurvePoint | None] = []
-        rows = []
+        rows, curves, idx = [], [], []
         for a in attacks:
             p = SELECTIONS[rule](a.curve_points())
             self.chosen.append(p)
             if p is not None:
                 rows.append(a.correct_at(p.lr, p.epoch))
+                grid = sorted(a.grid())
+                curves.append(a.correct_grid(grid))
+                idx.append(grid.index((p.lr, p.epoch)))
         self.attacks = attacks
+        self.rule = rule
         self.correct = np.stack(rows) if rows else None
+        self.arm = Arm(curves, fold_index(attacks[0]), idx) if rows else None
         retains = [
             a.retain_at(p.lr, p.epoch)
             for a, p in zip(attacks, self.chosen, strict=True)
@@ -131,6 +149,19 @@ def _before(attacks: list[ModelAttack]) -> np.ndarray:
     return np.stack(
         [np.concatenate([np.asarray(f.before.v_correct, float) for f in a.folds]) for a in attacks]
     )
+
+
+def before_ci(
+    attacks: list[ModelAttack], n_boot: int, seed: int, sl: slice = slice(None)
+) -> list[float] | None:
+    """Hierarchical-bootstrap CI of V accuracy before RTT (seeds, folds, questions)."""
+    x = _before(attacks)[:, sl]
+    arm = Arm([row[None, None, :] for row in x], fold_index(attacks[0])[sl], [0] * len(x))
+    return _ci(percentile_ci(hierarchical_bootstrap({"x": arm}, n_boot=n_boot, seed=seed)["x"]))
+
+
+def _slice_arm(arm: Arm, sl: slice) -> Arm:
+    return Arm([c[:, :, sl] for c in arm.curves], arm.fold_of[sl], arm.chosen)
 
 
 def _retain_before(attacks: list[ModelAttack]) -> float | None:
@@ -176,9 +207,9 @@ def _check_aligned(groups: Mapping[str, list[ModelAttack]]) -> tuple[list[str], 
 
 
 def _rtt_numbers(
-    o: _Picked,
-    u: _Picked,
-    c: _Picked | None,
+    o: Picked,
+    u: Picked,
+    c: Picked | None,
     chance: float,
     sl: slice,
     n_boot: int,
@@ -186,30 +217,41 @@ def _rtt_numbers(
     with_ci: bool,
     paired: bool = False,
 ) -> dict[str, Any]:
-    """The after-RTT numbers of one selection rule over the questions in ``sl``."""
+    """The after-RTT numbers of one selection rule over the questions in ``sl``.
+
+    CIs come from :func:`rtteval.metrics.rtt_intervals`.  Over all folds the
+    optimistic attacker's choice is redone inside every resample; on one
+    fold (``sl`` a part) the choice is the summary's, held fixed.
+    """
     out: dict[str, Any] = {
         "original_rtt": o.acc(sl),
         "unlearned_rtt": u.acc(sl),
         "control_rtt": c.acc(sl) if c is not None else None,
     }
-    ur, orr = out["unlearned_rtt"], out["original_rtt"]
-    out["recovery"] = recovery(ur, orr, chance) if ur is not None and orr is not None else None
-    out["recovery_raw"] = recovery_raw(ur, orr) if ur is not None and orr is not None else None
+    ur, orr, cr = out["unlearned_rtt"], out["original_rtt"], out["control_rtt"]
+    both = ur is not None and orr is not None
+    out["recovery"] = recovery(ur, orr, chance) if both else None
+    out["recovery_raw"] = recovery_raw(ur, orr) if both else None
+    out["recovery_floor"] = floor_recovery(ur, orr, cr) if both and cr is not None else None
     if with_ci:
-        for key, p in (("original_rtt", o), ("unlearned_rtt", u), ("control_rtt", c)):
-            ok = p is not None and p.correct is not None
-            out[f"{key}_ci"] = (
-                _ci(bootstrap_mean_ci(p.correct[:, sl], n_boot=n_boot, seed=seed)) if ok else None  # type: ignore[union-attr,index]
-            )
-        if u.correct is not None and o.correct is not None:
-            cis = bootstrap_recovery_ci(
-                u.correct[:, sl], o.correct[:, sl], chance, n_boot=n_boot, seed=seed,
-                paired_seeds=paired and u.correct.shape[0] == o.correct.shape[0],
+        keys = ("original_rtt", "unlearned_rtt", "control_rtt", "recovery", "recovery_raw")
+        out.update({f"{k}_ci": None for k in (*keys, "recovery_floor")})
+        out["components"] = None
+        if u.arm is not None and o.arm is not None:
+            whole = sl == slice(None)
+            ca = c.arm if c is not None else None
+            arms = [_slice_arm(a, sl) if a is not None else None for a in (o.arm, u.arm, ca)]
+            n_s = {a.n_seeds for a in arms if a is not None}
+            cis = rtt_intervals(
+                arms[0], arms[1], arms[2], chance, n_boot=n_boot, seed=seed,  # type: ignore[arg-type]
+                select_inside=whole and u.rule == "optimistic",
+                paired=paired and len(n_s) == 1,
             )  # fmt: skip
-            out["recovery_ci"] = _ci(cis["recovery"])
-            out["recovery_raw_ci"] = _ci(cis["recovery_raw"])
-        else:
-            out["recovery_ci"] = out["recovery_raw_ci"] = None
+            out.update({k: _ci(v) if k.endswith("_ci") else v for k, v in cis.items()})
+            if not whole:
+                out.pop("components")
+        if c is None or c.arm is None:
+            out.pop("recovery_floor_ci", None)
     return out
 
 
@@ -263,8 +305,8 @@ def build_results(
     rules = ["optimistic"] + (["honest"] if has_holdout else [])
     picked = {
         rule: {
-            "original": _Picked(originals, rule),
-            "control": _Picked(controls, rule) if controls else None,
+            "original": Picked(originals, rule),
+            "control": Picked(controls, rule) if controls else None,
         }
         for rule in rules
     }
@@ -277,7 +319,7 @@ def build_results(
         u_before = _before(atts)
         per_rule = {}
         for rule in rules:
-            u = _Picked(atts, rule)
+            u = Picked(atts, rule)
             o, c = picked[rule]["original"], picked[rule]["control"]
             nums = _rtt_numbers(o, u, c, chance, slice(None), n_boot, seed + mi, True, paired)
             nums["retain_original_rtt"] = o.retain
@@ -303,11 +345,12 @@ def build_results(
                 "original": len(originals),
                 "control": len(controls),
             },
+            "replicates": originals[0].replicates,
             "selection": "optimistic",
             "original": float(o_before.mean()),
-            "original_ci": _ci(bootstrap_mean_ci(o_before, n_boot=n_boot, seed=seed)),
+            "original_ci": before_ci(originals, n_boot, seed),
             "unlearned": float(u_before.mean()),
-            "unlearned_ci": _ci(bootstrap_mean_ci(u_before, n_boot=n_boot, seed=seed + mi)),
+            "unlearned_ci": before_ci(atts, n_boot, seed + mi),
             "control": float(c_before.mean()) if c_before is not None else None,
             **{k: v for k, v in opt.items()},
             "retain_original": _retain_before(originals),
@@ -497,6 +540,13 @@ def _chosen_str(pts: list[dict[str, Any] | None] | None) -> str:
     if not pts:
         return "—"
     return ", ".join("diverged" if p is None else f"lr {p['lr']:g}, ep {p['epoch']}" for p in pts)
+
+
+#: Public names of the helpers other modules (findings.py) format results with.
+clean_json = _clean
+fmt = _fmt
+fmt_ci = _fmt_ci
+md_table = _md_table
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
