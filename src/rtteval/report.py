@@ -135,8 +135,8 @@ class Picked:
     def fold_retain(self, fi: int) -> float | None:
         rs = []
         for a, p in zip(self.attacks, self.chosen, strict=True):
-            if p is not None:
-                e = a.folds[fi].point(p.lr, p.epoch)
+            for r in range(a.replicates if p is not None and p.epoch > 0 else 0):
+                e = a.folds[fi].point(p.lr, p.epoch, r)  # type: ignore[union-attr]
                 if e is not None and e.retain_acc is not None:
                     rs.append(e.retain_acc)
         return float(np.mean(rs)) if rs else None
@@ -549,10 +549,34 @@ fmt_ci = _fmt_ci
 md_table = _md_table
 
 
+def _floor_sentences(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per dataset, in words: does the control's Control+RTT CI lie above chance?"""
+    out = []
+    for ds in dict.fromkeys(e["dataset"] for e in summary):
+        e = next(x for x in summary if x["dataset"] == ds)
+        c, ci, chance = e.get("control_rtt"), e.get("control_rtt_ci"), e["chance"]
+        if c is None or not ci or ci[0] is None:
+            continue
+        where = f"Control+RTT on {ds} is {c:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] (chance {chance:.3f}): "
+        if ci[0] > chance:
+            out.append(
+                where + "its CI lies **above chance** — fine-tuning on T teaches part of V to a "
+                "model that never knew it, so chance is too low a floor and the chance-adjusted "
+                "recovery overstates what was hidden."
+            )
+        elif ci[1] < chance:
+            out.append(where + "its CI lies below chance.")
+        else:
+            out.append(where + "its CI includes chance — V cannot be guessed from T.")
+        out.append("")
+    return out
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
     s = results["summary"]
     has_honest = any(e.get("honest") for e in s)
+    has_control = any(e.get("control_rtt") is not None for e in s)
     out = [
         "# RTT report",
         "",
@@ -561,10 +585,25 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "every epoch for a grid of learning rates. If unlearning removed the facts, RTT cannot "
         "bring V back (the never-learned control shows the floor); if it only hid them, it does.",
         "",
-        "**Recovery** = (Unlearned+RTT − chance) / (Original+RTT − chance); **raw** = "
-        "Unlearned+RTT / Original+RTT (the paper's kind of number). Brackets: bootstrap 95% CIs "
-        "over questions (and seeds). Selection is shared across folds; epoch ≥ 1.",
+        "**Recovery** = (Unlearned+RTT − chance) / (Original+RTT − chance); **floor-adj.** = "
+        "(Unlearned+RTT − Control+RTT) / (Original+RTT − Control+RTT); **raw** = "
+        "Unlearned+RTT / Original+RTT (the paper's kind of number). "
+        + (
+            "**The floor-adjusted recovery is the primary number**: the never-learned control "
+            "measures what fine-tuning on T teaches a model that never knew V (format, priors, "
+            "facts guessable from T), so only recovery above that floor is evidence that "
+            "unlearning hid rather than removed the facts (the critique of Feng et al., "
+            "arXiv 2506.00688). "
+            if has_control
+            else "Without a control, only the chance-adjusted recovery can be given. "
+        )
+        + "Brackets: 95% hierarchical bootstrap CIs — seeds (or worlds), then folds, then "
+        "questions and RTT replicates; the optimistic attacker's (lr, epoch) is chosen again in "
+        "every resample (and scored on an independent draw), so the interval carries the "
+        "optimism of picking the best grid point; the honest attacker's choice is held fixed. "
+        "Selection is shared across folds; epoch ≥ 1.",
         "",
+        *_floor_sentences(s),
         "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
         "",
     ]
@@ -578,6 +617,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "Unlearned+RTT",
         "Control+RTT",
         "recovery",
+        "floor-adj.",
         "raw",
     ]
     out.append(
@@ -594,10 +634,45 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     _fmt_ci(e["unlearned_rtt"], e.get("unlearned_rtt_ci")),
                     _fmt_ci(e["control_rtt"], e.get("control_rtt_ci")),
                     _fmt_ci(e["recovery"], e.get("recovery_ci")),
+                    _fmt_ci(e.get("recovery_floor"), e.get("recovery_floor_ci")),
                     _fmt_ci(e["recovery_raw"], e.get("recovery_raw_ci")),
                 ]
                 for e in s
             ],
+        )
+    )
+    out += ["", "## Where the uncertainty comes from (optimistic attacker)", ""]
+    out.append(
+        "Bootstrap SD of each number when only the seeds are resampled (training noise: "
+        "pretraining, unlearning and RTT, and with `vary_with_seed` the world), only the folds, "
+        "questions and RTT replicates (which questions were asked; the attacker's choice "
+        "redone), and both (the CI above)."
+    )
+    out.append("")
+    comp_rows = []
+    for e in s:
+        for key, label in (
+            ("unlearned_rtt", "Unlearned+RTT"),
+            ("recovery", "recovery"),
+            ("recovery_floor", "floor-adj."),
+        ):
+            c = (e.get("components") or {}).get(key)
+            if c:
+                comp_rows.append(
+                    [
+                        e["dataset"],
+                        e["method"],
+                        label,
+                        str((e.get("n_seeds") or {}).get("unlearned", "—")),
+                        _fmt(c.get("sd_seeds")),
+                        _fmt(c.get("sd_questions")),
+                        _fmt(c.get("sd_total")),
+                    ]
+                )
+    out.append(
+        _md_table(
+            ["dataset", "method", "number", "seeds", "SD seeds", "SD questions", "SD total"],
+            comp_rows,
         )
     )
     out += ["", "## Side by side: optimistic vs honest attacker", ""]
@@ -619,6 +694,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     f"{_fmt(e['control_rtt'])} / {_fmt(h.get('control_rtt'))}",
                     f"{_fmt_ci(e['recovery'], e.get('recovery_ci'))} / "
                     f"{_fmt_ci(h.get('recovery'), h.get('recovery_ci'))}",
+                    f"{_fmt_ci(e.get('recovery_floor'), e.get('recovery_floor_ci'))} / "
+                    f"{_fmt_ci(h.get('recovery_floor'), h.get('recovery_floor_ci'))}",
                 ]
             )
         out.append(
@@ -630,6 +707,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     "Original+RTT (opt / honest)",
                     "Control+RTT (opt / honest)",
                     "recovery (opt / honest)",
+                    "floor-adj. (opt / honest)",
                 ],
                 rows,
             )
@@ -953,6 +1031,7 @@ def summary_table(results: Mapping[str, Any]) -> Any:
         "unl+RTT",
         "ctrl+RTT",
         "recovery",
+        "floor-adj.",
         "raw",
     ):
         t.add_column(c, justify="left" if c in ("dataset", "method") else "right")
@@ -972,6 +1051,12 @@ def summary_table(results: Mapping[str, Any]) -> Any:
             _fmt(e["unlearned_rtt"]),
             _fmt(e["control_rtt"]),
             rec,
+            _fmt(e.get("recovery_floor"), 2)
+            + (
+                f" [{e['recovery_floor_ci'][0]:.2f},{e['recovery_floor_ci'][1]:.2f}]"
+                if (e.get("recovery_floor_ci") or [None])[0] is not None
+                else ""
+            ),
             _fmt(e["recovery_raw"], 2),
         ]
         if has_honest:
