@@ -386,21 +386,25 @@ def _hierarchical_difference(
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(den > 0, (b[f"u_{k}"] - chance) / np.where(den > 0, den, 1.0), np.nan)
 
-    arms = {"u_pt": pt.u_arm, "o_pt": pt.o_arm, "u_ft": ft.u_arm, "o_ft": ft.o_arm}
-    inside = {"u_pt": pt.select_inside, "o_pt": pt.select_inside}
-    inside |= {"u_ft": ft.select_inside, "o_ft": ft.select_inside}
-    kw = {"n_boot": n_boot, "select_inside": inside}
-    shareable = np.array_equal(pt.u_arm.fold_of, ft.u_arm.fold_of)  # type: ignore[union-attr]
-    if mode != "independent" and shareable:
-        b = hierarchical_bootstrap(arms, paired=mode == "paired worlds", seed=seed, **kw)  # type: ignore[arg-type]
+    arms: dict[str, Arm] = {}
+    inside: dict[str, bool] = {}
+    for k, r in (("pt", pt), ("ft", ft)):
+        for role, arm in (("u", r.u_arm), ("o", r.o_arm)):
+            assert arm is not None
+            arms[f"{role}_{k}"], inside[f"{role}_{k}"] = arm, r.select_inside
+    if mode != "independent" and np.array_equal(arms["u_pt"].fold_of, arms["u_ft"].fold_of):
+        paired = mode == "paired worlds"
+        b = hierarchical_bootstrap(
+            arms, paired=paired, seed=seed, n_boot=n_boot, select_inside=inside
+        )
     else:
         b = {}
-        for i, k in enumerate(("pt", "ft")):
+        for i, (k, r) in enumerate((("pt", pt), ("ft", ft))):
             sub = {n: a for n, a in arms.items() if n.endswith(k)}
-            ins = {n: v for n, v in inside.items() if n.endswith(k)}
-            paired = len({a.n_seeds for a in sub.values()}) == 1 and (pt if k == "pt" else ft).paired  # type: ignore[union-attr]
+            paired = r.paired and len({a.n_seeds for a in sub.values()}) == 1
+            ins = {n: inside[n] for n in sub}
             b |= hierarchical_bootstrap(
-                sub, paired=paired, seed=seed + i, n_boot=n_boot, select_inside=ins  # type: ignore[arg-type]
+                sub, paired=paired, seed=seed + i, n_boot=n_boot, select_inside=ins
             )
     return percentile_ci(rec(b, "ft", ft.chance) - rec(b, "pt", pt.chance), level)
 

@@ -928,7 +928,9 @@ def attack_model(
             )
             batch_cache: dict[tuple[int, int], list] = {}
 
-            def replicate_batches(rep: int, _fi: int = fi, _seqs=seqs, _masks=masks, _c=batch_cache):
+            def replicate_batches(
+                rep: int, _fi: int = fi, _seqs=seqs, _masks=masks, _c=batch_cache
+            ):
                 """Epoch batches of one replicate (replicate 0: the order without replicates)."""
 
                 def epoch_batches(epoch: int) -> list:
