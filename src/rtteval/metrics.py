@@ -409,6 +409,7 @@ def rtt_intervals(
     n_boot: int = N_BOOT,
     level: float = CI_LEVEL,
     seed: int = 0,
+    components: bool = True,
 ) -> dict[str, Any]:
     """CIs of the after-RTT accuracies and recoveries, and the SD each level contributes.
 
@@ -418,7 +419,8 @@ def rtt_intervals(
     hierarchical bootstrap (:func:`hierarchical_bootstrap`), and
     ``components``: the bootstrap SD of ``unlearned_rtt`` and of each
     recovery when only seeds are resampled (``sd_seeds``), only folds,
-    questions and replicates (``sd_questions``), or both (``sd_total``).
+    questions and replicates (``sd_questions``), or both (``sd_total``);
+    ``components=False`` skips those two extra bootstraps.
     """
     arms = {"original": original, "unlearned": unlearned}
     if control is not None:
@@ -439,9 +441,11 @@ def rtt_intervals(
 
     kw = {"select_inside": select_inside, "paired": paired, "n_boot": n_boot, "seed": seed}
     full = stats(hierarchical_bootstrap(arms, **kw))
+    out: dict[str, Any] = {f"{k}_ci": percentile_ci(v, level) for k, v in full.items()}
+    if not components:
+        return out
     only_s = stats(hierarchical_bootstrap(arms, resample_questions=False, **kw))
     only_q = stats(hierarchical_bootstrap(arms, resample_seeds=False, **kw))
-    out: dict[str, Any] = {f"{k}_ci": percentile_ci(v, level) for k, v in full.items()}
     out["components"] = {
         k: {"sd_seeds": _sd(only_s[k]), "sd_questions": _sd(only_q[k]), "sd_total": _sd(full[k])}
         for k in ("unlearned_rtt", "recovery", "recovery_floor")

@@ -245,7 +245,7 @@ def _rtt_numbers(
             cis = rtt_intervals(
                 arms[0], arms[1], arms[2], chance, n_boot=n_boot, seed=seed,  # type: ignore[arg-type]
                 select_inside=whole and u.rule == "optimistic",
-                paired=paired and len(n_s) == 1,
+                paired=paired and len(n_s) == 1, components=whole,
             )  # fmt: skip
             out.update({k: _ci(v) if k.endswith("_ci") else v for k, v in cis.items()})
             if not whole:
@@ -567,7 +567,9 @@ def _floor_sentences(summary: Sequence[Mapping[str, Any]]) -> list[str]:
         elif ci[1] < chance:
             out.append(where + "its CI lies below chance.")
         else:
-            out.append(where + "its CI includes chance — V cannot be guessed from T.")
+            out.append(
+                where + "its CI includes chance — no evidence that fine-tuning on T teaches V."
+            )
         out.append("")
     return out
 
