@@ -358,6 +358,7 @@ class AttackSpec(_Strict):
     weight_decay: float | None = Field(None, ge=0)
     grad_clip: float | None = None
     warmup_steps: int | None = Field(None, ge=0)
+    replicates: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     controls: bool = True
     #: Overrides the study's ``precision`` for RTT (``fp16``: the paper's released RTT).

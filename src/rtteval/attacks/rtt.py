@@ -105,6 +105,10 @@ class RTTConfig:
       With k, fold V = split i trains on the k splits after it, cyclically,
       so every split is in T equally often; used to measure how recovery
       grows with the amount of retraining data.
+    * ``replicates``: RTT runs per (fold, lr), each with its own data order,
+      so the CIs cover RTT's training noise; curves are averaged over them
+      for selection and kept apart in the results.  Left out of
+      :meth:`to_dict` at 1, so existing results and job keys stay the same.
     """
 
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
@@ -122,6 +126,7 @@ class RTTConfig:
     train_splits: int | None = None
     seed: int = 0
     precision: Precision = "auto"
+    replicates: int = 1
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
@@ -167,10 +172,15 @@ class RTTConfig:
         if self.train_splits is not None and self.train_splits < 1:
             raise ConfigError("train_splits must be >= 1 (or None: all)", field="train_splits")
         check_precision(self.precision)
+        if self.replicates < 1:
+            raise ConfigError("replicates must be >= 1", field="replicates")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.replicates == 1:
+            del d["replicates"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RTTConfig:
@@ -603,7 +613,7 @@ class EpochEval:
 
 @dataclass
 class RunResult:
-    """One (fold, learning rate) fine-tuning run: its curve, epoch 1 onwards."""
+    """One (fold, learning rate, replicate) fine-tuning run: its curve, epoch 1 onwards."""
 
     lr: float
     status: str
@@ -611,10 +621,12 @@ class RunResult:
     steps: int = 0
     wall_time: float = 0.0
     message: str = ""
+    replicate: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "lr": self.lr,
+            "replicate": self.replicate,
             "status": self.status,
             "steps": self.steps,
             "wall_time": self.wall_time,
@@ -631,6 +643,7 @@ class RunResult:
             steps=int(d.get("steps", 0)),
             wall_time=float(d.get("wall_time", 0.0)),
             message=d.get("message", ""),
+            replicate=int(d.get("replicate", 0)),
         )
 
 
@@ -646,11 +659,11 @@ class FoldAttack:
     runs: list[RunResult]
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def point(self, lr: float, epoch: int) -> EpochEval | None:
+    def point(self, lr: float, epoch: int, replicate: int = 0) -> EpochEval | None:
         if epoch == 0:
             return self.before
         for r in self.runs:
-            if r.lr == lr:
+            if r.lr == lr and r.replicate == replicate:
                 for e in r.epochs:
                     if e.epoch == epoch:
                         return e
@@ -698,19 +711,31 @@ class ModelAttack:
         return [float(x) for x in self.config["lrs"]]
 
     @property
+    def replicates(self) -> int:
+        return int(self.config.get("replicates", 1))
+
+    @property
     def question_ids(self) -> list[str]:
         return [q for f in self.folds for q in f.question_ids]
+
+    def _points(self, lr: float, epoch: int) -> list[list[EpochEval | None]]:
+        """``[replicate][fold]`` evaluations at one grid point (epoch 0: the shared "before")."""
+        reps = 1 if epoch == 0 else self.replicates
+        return [[f.point(lr, epoch, r) for f in self.folds] for r in range(reps)]
 
     @property
     def n_choices(self) -> list[int]:
         return [k for f in self.folds for k in f.n_choices]
 
     def grid(self) -> list[tuple[float, int]]:
-        """(lr, epoch) points, epoch >= 1, that every fold reached (diverged runs end early)."""
+        """(lr, epoch) points, epoch >= 1, that every fold and replicate reached.
+
+        Diverged runs end early.
+        """
         out = []
         for lr in self.lrs:
             for ep in range(1, int(self.config["epochs"]) + 1):
-                if all(f.point(lr, ep) is not None for f in self.folds):
+                if all(e is not None for evs in self._points(lr, ep) for e in evs):
                     out.append((lr, ep))
         return out
 
@@ -725,6 +750,7 @@ class ModelAttack:
         ``diverged`` (epoch 0, the model before RTT, never is), which keeps it
         out of selection: the evaluations before the blow-up are of a run
         the attacker would have discarded.
+        With replicates, each accuracy is their mean.
         """
         pts = []
         bad = self.diverged_lrs()
@@ -732,8 +758,8 @@ class ModelAttack:
         if include_before:
             keys = [(lr, 0) for lr in self.lrs] + keys
         for lr, ep in keys:
-            evs = [f.point(lr, ep) for f in self.folds]
-            v = np.concatenate([np.asarray(e.v_correct, float) for e in evs])  # type: ignore[union-attr]
+            evs = [e for rep in self._points(lr, ep) for e in rep]
+            v = self.correct_at(lr, ep)
             hs = [e.holdout_correct for e in evs if e is not None and e.holdout_correct]
             h = float(np.concatenate([np.asarray(x, float) for x in hs]).mean()) if hs else None
             rs = [e.retain_acc for e in evs if e is not None and e.retain_acc is not None]
@@ -746,18 +772,33 @@ class ModelAttack:
         return pts
 
     def correct_at(self, lr: float, epoch: int) -> np.ndarray:
-        """0/1 correctness on all V questions (folds concatenated) at one grid point."""
-        evs = [f.point(lr, epoch) for f in self.folds]
-        if any(e is None for e in evs):
-            raise KeyError(f"{self.label}: no evaluation at lr={lr}, epoch={epoch} in every fold")
-        return np.concatenate([np.asarray(e.v_correct, float) for e in evs])  # type: ignore[union-attr]
+        """0/1 correctness on all V questions (folds concatenated) at one grid point.
+
+        With replicates, the mean over them (a fraction per question).
+        """
+        return self.correct_grid([(lr, epoch)]).mean(axis=0)[0]
+
+    def correct_grid(self, grid: Sequence[tuple[float, int]]) -> np.ndarray:
+        """Correctness ``[replicates, len(grid), questions]`` (epoch 0 repeated per replicate)."""
+        out = np.zeros((self.replicates, len(grid), len(self.question_ids)))
+        for gi, (lr, epoch) in enumerate(grid):
+            for ri in range(self.replicates):
+                evs = [f.point(lr, epoch, 0 if epoch == 0 else ri) for f in self.folds]
+                if any(e is None for e in evs):
+                    raise KeyError(
+                        f"{self.label}: no evaluation at lr={lr}, epoch={epoch}, replicate {ri} "
+                        "in every fold"
+                    )
+                out[ri, gi] = np.concatenate([np.asarray(e.v_correct, float) for e in evs])  # type: ignore[union-attr]
+        return out
 
     def retain_at(self, lr: float, epoch: int) -> float | None:
         if epoch == 0:
             return self.retain_before
         rs = [
             e.retain_acc
-            for e in (f.point(lr, epoch) for f in self.folds)
+            for rep in self._points(lr, epoch)
+            for e in rep
             if e is not None and e.retain_acc is not None
         ]
         return float(np.mean(rs)) if rs else None
@@ -890,7 +931,7 @@ def _ensemble_for(
     return Ensemble(model, lrs)
 
 
-def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
+def _run_result(lr: float, res: TrainResult, steps_per_epoch: int, rep: int = 0) -> RunResult:
     """One run's curve: an :class:`EpochEval` per evaluated epoch, with its mean training loss."""
     epochs = []
     for row in res.history:
@@ -907,7 +948,7 @@ def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
                 float(np.mean(ls)) if ls else None,
             )
         )
-    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message)
+    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message, rep)
 
 
 def attack_model(
@@ -983,18 +1024,25 @@ def attack_model(
                 groups0.get("h"),
                 retain_before,
             )
-            batch_cache: dict[int, list] = {}
+            batch_cache: dict[tuple[int, int], list] = {}
 
-            def batches(epoch: int, _fi: int = fi, _seqs=seqs, _masks=masks, _cache=batch_cache):
-                if epoch not in _cache:
-                    _cache[epoch] = make_batches(
-                        _seqs,
-                        cfg.batch_size,
-                        pad_id,
-                        seed=cfg.seed * 1_000_003 + _fi * 1009 + epoch,
-                        loss_masks=_masks,
-                    )
-                return _cache[epoch]
+            def replicate_batches(
+                rep: int, _fi: int = fi, _seqs=seqs, _masks=masks, _c=batch_cache
+            ):
+                """Epoch batches of one replicate (replicate 0: the order without replicates)."""
+
+                def epoch_batches(epoch: int) -> list:
+                    if (rep, epoch) not in _c:
+                        _c[rep, epoch] = make_batches(
+                            _seqs,
+                            cfg.batch_size,
+                            pad_id,
+                            seed=cfg.seed * 1_000_003 + _fi * 1009 + epoch + rep * 7_919_993,
+                            loss_masks=_masks,
+                        )
+                    return _c[rep, epoch]
+
+                return epoch_batches
 
             n_evals: dict[int, int] = {}  # per evaluated model, for retain_eval="end"
 
@@ -1024,39 +1072,45 @@ def attack_model(
                 eval_every_epochs=1,
                 precision=cfg.precision,
             )
-            what = f"RTT {label} V={fold.v}"
-            if ensemble is not None:  # every lr at once; the model stays at the snapshot
-                ensemble.reset_(model)
-                bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
-                results = train(
-                    ensemble,
-                    batches,
-                    lm_loss_fn,
-                    tcfg,
-                    evaluate=evaluate,
-                    progress=bar if progress else None,
-                )
-            else:
-                results = []
-                for lr in cfg.lrs:
-                    restore_state(model, snapshot)
-                    n_evals.clear()
-                    results.append(
-                        train(
-                            model,
-                            batches,
-                            lm_loss_fn,
-                            replace(tcfg, lr=lr),
-                            evaluate=evaluate,
-                            progress=f"{what} lr={lr:g}" if progress else None,
-                        )
-                    )
             runs = []
-            for lr, res in zip(cfg.lrs, results, strict=True):
-                warned.update(res.warnings)
-                runs.append(_run_result(lr, res, max(1, len(batches(0)))))
-                curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
-                say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
+            # Replicates run one after another: the batched lr grid shares one batch order
+            # across its members, so a replicate (a new order) cannot be a member.
+            for rep in range(cfg.replicates):
+                batches = replicate_batches(rep)
+                what = f"RTT {label} V={fold.v}" + (f" r{rep}" if cfg.replicates > 1 else "")
+                rcfg = replace(tcfg, seed=cfg.seed + rep * 7_919_993)
+                n_evals.clear()
+                if ensemble is not None:  # every lr at once; the model stays at the snapshot
+                    ensemble.reset_(model)
+                    bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
+                    results = train(
+                        ensemble,
+                        batches,
+                        lm_loss_fn,
+                        rcfg,
+                        evaluate=evaluate,
+                        progress=bar if progress else None,
+                    )
+                else:
+                    results = []
+                    for lr in cfg.lrs:
+                        restore_state(model, snapshot)
+                        n_evals.clear()
+                        results.append(
+                            train(
+                                model,
+                                batches,
+                                lm_loss_fn,
+                                replace(rcfg, lr=lr),
+                                evaluate=evaluate,
+                                progress=f"{what} lr={lr:g}" if progress else None,
+                            )
+                        )
+                for lr, res in zip(cfg.lrs, results, strict=True):
+                    warned.update(res.warnings)
+                    runs.append(_run_result(lr, res, max(1, len(batches(0))), rep))
+                    curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
+                    say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
             fold_results.append(
                 FoldAttack(
                     v=fold.v,
