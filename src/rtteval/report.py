@@ -110,7 +110,9 @@ class Picked:
             self.chosen.append(p)
             if p is not None:
                 rows.append(a.correct_at(p.lr, p.epoch))
-                grid = sorted(a.grid())
+                # the choice redone inside the bootstrap sees only what selection may pick
+                bad = a.diverged_lrs()
+                grid = sorted(g for g in a.grid() if g[0] not in bad)
                 curves.append(a.correct_grid(grid))
                 idx.append(grid.index((p.lr, p.epoch)))
         self.attacks = attacks
