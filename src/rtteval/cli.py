@@ -237,10 +237,22 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:
         # usage errors (unknown option, bad value) from typer's click layer
-        if hasattr(e, "exit_code") and hasattr(e, "show"):
-            e.show()
+        if hasattr(e, "exit_code") and hasattr(e, "format_message"):
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `rtteval` / `rtteval data`
+                e.show()
+            else:
+                print(f"rtteval: error: {_usage_line(e)}", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
+
+
+def _usage_line(e: Exception) -> str:
+    """A click usage error as one line, with where to find the command's help."""
+    msg = " ".join(e.format_message().split()).replace("Value error, ", "")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and getattr(ctx, "command_path", None):
+        msg += f" (see '{ctx.command_path} --help')"
+    return msg
 
 
 if __name__ == "__main__":

@@ -32,9 +32,44 @@ _DTYPES = {
 }
 
 
+def check_device(device: str, *, available: bool = True) -> None:
+    """Refuse a device name torch does not know, or (``available``) one this machine lacks.
+
+    Called when a config is validated and before a command loads anything,
+    so ``device: cuda`` on a CPU-only machine fails at once rather than in
+    every job.
+    """
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps", field="device"
+        ) from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {device!r}: rtteval runs on cpu, cuda or mps", field="device")
+    if not available:
+        return
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = "" if torch.version.cuda else ", a CPU-only torch build"
+            raise UserError(
+                f"device {device!r}: no CUDA GPU is available here (torch {torch.__version__}"
+                f"{build}); use auto or cpu",
+                field="device",
+            )
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"device {device!r}: this machine has {n} CUDA GPU(s)", field="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r}: MPS is not available here", field="device")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return torch.device(device)
 
 
