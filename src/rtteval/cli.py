@@ -16,6 +16,15 @@ from rich.console import Console
 from rich.table import Table
 
 from rtteval.cli_attack import attack_cmd, findings_cmd, report_cmd
+from rtteval.cli_options import (
+    ACCURACY,
+    COUNT,
+    COUNT0,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    check_device_option,
+)
 from rtteval.cli_run import run_cmd, status_cmd
 from rtteval.cli_unlearn import unlearn_cmd
 from rtteval.errors import UserError
@@ -54,7 +63,7 @@ def data_check(
 @app.command()
 def world(
     out: Annotated[Path, typer.Option(help="directory to write the world into")],
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed", parser=SEED)] = 0,
     preset: Annotated[str, typer.Option(help="world preset (small, tiny, bios)")] = "small",
     overwrite: Annotated[bool, typer.Option(help="replace an existing directory")] = False,
 ) -> None:
@@ -72,15 +81,21 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="model output directory")],
     exclude_forget: Annotated[bool, typer.Option(help="build the never-learned control")] = False,
     model_preset: Annotated[str, typer.Option(help="tiny model preset")] = "tiny-1m",
-    lr: Annotated[float, typer.Option()] = 3e-3,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    max_epochs: Annotated[int, typer.Option()] = 120,
-    target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
+    lr: Annotated[float, typer.Option(parser=POSITIVE)] = 3e-3,
+    batch_size: Annotated[int, typer.Option(parser=COUNT)] = 64,
+    max_epochs: Annotated[int, typer.Option(parser=COUNT)] = 120,
+    target: Annotated[
+        float, typer.Option(help="stop when accuracy reaches this", parser=ACCURACY)
+    ] = 0.97,
     anneal_epochs: Annotated[
-        int, typer.Option(help="then this many epochs with the lr decaying linearly to 0")
+        int,
+        typer.Option(
+            help="then this many epochs with the lr decaying linearly to 0 (0: no anneal)",
+            parser=COUNT0,
+        ),
     ] = 10,
-    seed: Annotated[int, typer.Option()] = 0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    seed: Annotated[int, typer.Option(parser=SEED)] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
 ) -> None:
     """Pretrain a tiny Llama from scratch on a world until the facts are known, then anneal."""
     import torch
@@ -113,13 +128,18 @@ def finetune(
     model: Annotated[str, typer.Option(help="base model dir (normally the never-learned control)")],
     world: Annotated[str, typer.Option(help="world (dataset) directory")],
     out: Annotated[Path, typer.Option(help="output model directory")],
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    max_epochs: Annotated[int, typer.Option()] = 80,
+    lr: Annotated[float, typer.Option(parser=POSITIVE)] = 1e-3,
+    max_epochs: Annotated[int, typer.Option(parser=COUNT)] = 80,
     replay_ratio: Annotated[
-        float, typer.Option(help="retain passages replayed per forget passage")
+        float,
+        typer.Option(
+            help="retain passages replayed per forget passage (0: none)", parser=NON_NEGATIVE
+        ),
     ] = 0.5,
-    target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
-    seed: Annotated[int, typer.Option()] = 0,
+    target: Annotated[
+        float, typer.Option(help="stop when accuracy reaches this", parser=ACCURACY)
+    ] = 0.97,
+    seed: Annotated[int, typer.Option(parser=SEED)] = 0,
 ) -> None:
     """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
     from rtteval.pretrain import FinetuneConfig, finetune_forget_facts
@@ -145,8 +165,8 @@ def eval_cmd(
     letter_format: Annotated[
         str, typer.Option(help="paper ('A. '), bare ('A') or space (' A')")
     ] = "paper",
-    batch_size: Annotated[int, typer.Option()] = 32,
-    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[int, typer.Option(parser=COUNT)] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
 ) -> None:
     """Accuracy of a model on every split of a dataset, as JSON."""
     from rtteval.data import load_dataset
@@ -154,6 +174,7 @@ def eval_cmd(
     from rtteval.pretrain import scoring_for
     from rtteval.scoring import evaluate_mcq
 
+    check_device_option(device)
     ds = load_dataset(data)
     m, tok = load_model(model, device=device)
     sc = scoring_for(ds, batch_size=batch_size)

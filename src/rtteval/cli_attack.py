@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from rtteval.cli_options import COUNT, COUNT0, POSITIVE, SEED, Number, check_device_option
 from rtteval.errors import ConfigError, UserError
 
 console = Console(stderr=True, markup=False, highlight=False)
@@ -27,13 +28,14 @@ def _floats(text: str | None, name: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+        vals = [POSITIVE(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
         raise ConfigError(
-            f"expected a comma-separated list of numbers, got {text!r}", field=name
+            f"expected a comma-separated list of finite numbers > 0, got {text!r} ({e})",
+            file=f"--{name}",
         ) from None
     if not vals:
-        raise ConfigError("empty list", field=name)
+        raise ConfigError("empty list", file=f"--{name}")
     return vals
 
 
@@ -61,8 +63,8 @@ def attack_cmd(
         bool, typer.Option(help="start from the paper's 8B preset (Lion, 6 epochs, batch 4)")
     ] = False,
     lrs: Annotated[str | None, typer.Option(help="comma-separated learning rates")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(parser=COUNT)] = None,
+    batch_size: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
     loss: Annotated[
         str | None, typer.Option(help="auto, mcq (paper), mcq_answer, qa or corpus")
@@ -72,19 +74,26 @@ def attack_cmd(
     ] = None,
     holdout_fraction: Annotated[
         float | None,
-        typer.Option(help="share of T held out for the honest attacker (0: the paper's protocol)"),
+        typer.Option(
+            help="share of T held out for the honest attacker (0: the paper's protocol)",
+            parser=Number(float, ge=0, lt=1),
+        ),
     ] = None,
     overlap: Annotated[
         str | None, typer.Option(help="T questions whose text is a V question: drop or error")
     ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int | None, typer.Option(parser=SEED)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     method_name: Annotated[
         str | None, typer.Option(help="label of the unlearned model in the report")
     ] = None,
-    eval_batch_size: Annotated[int, typer.Option(help="questions per scoring batch")] = 128,
-    n_boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    eval_batch_size: Annotated[
+        int, typer.Option(help="questions per scoring batch", parser=COUNT)
+    ] = 128,
+    n_boot: Annotated[
+        int, typer.Option(help="bootstrap resamples (0: no confidence intervals)", parser=COUNT0)
+    ] = 1000,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     resume: Annotated[bool, typer.Option(help="reuse finished attacks found in OUT")] = True,
 ) -> None:
     """RTT attack: fine-tune on T, measure V, for unlearned, original and control models."""
@@ -100,6 +109,7 @@ def attack_cmd(
     from rtteval.report import build_results, summary_table, write_report
     from rtteval.store import write_json_atomic
 
+    check_device_option(device)
     if threads:
         torch.set_num_threads(threads)
     ds = load_dataset(data)
@@ -119,6 +129,12 @@ def attack_cmd(
         if v is not None:
             setattr(cfg, k, v)
     cfg.validate()
+    unknown = [f for f in cfg.folds or [] if f not in ds.splits]
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)}: not a forget split of {ds.root} ({', '.join(ds.split_names)})",
+            file="--folds",
+        )
     scoring = scoring_for(ds, batch_size=eval_batch_size)
     r_name = retain_eval_name(ds)
     retain = ds.retain[r_name] if r_name else []

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from rtteval.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,13 @@ ACCURACY = Number(float, gt=0, le=1)
 COUNT = Number(int, ge=1)
 COUNT0 = Number(int, ge=0)
 SEED = Number(int, ge=0)
+
+
+def check_device_option(device: str) -> None:
+    """``--device`` names a device this machine has (before any data or model is loaded)."""
+    from rtteval.models.loading import check_device
+
+    try:
+        check_device(device)
+    except UserError as e:
+        raise UserError(e.message, file="--device") from None

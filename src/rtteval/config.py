@@ -165,7 +165,8 @@ class WorldData(_Strict):
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
-            raise ValueError(f"{loc + ': ' if loc else ''}{err['msg']}") from None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{loc + ': ' if loc else ''}{msg}") from None
         return self
 
     def split_names(self) -> list[str]:
@@ -526,7 +527,9 @@ def _expanded_size(node: yaml.Node, source: str) -> int:
             return memo[key]
         if key in active:
             raise ConfigError(
-                "a YAML alias refers to a node that contains it", file=source, line=n.start_mark.line + 1
+                "a YAML alias refers to a node that contains it",
+                file=source,
+                line=n.start_mark.line + 1,
             )
         active.add(key)
         total = 1
@@ -815,7 +818,7 @@ def load_config(
         except UnicodeDecodeError as e:
             line = raw_bytes[: e.start].count(b"\n") + 1
             raise ConfigError(
-                f"not UTF-8 text (byte {e.start}: {raw_bytes[e.start:e.start + 1]!r}); "
+                f"not UTF-8 text (byte {e.start}: {raw_bytes[e.start : e.start + 1]!r}); "
                 "save the config as UTF-8",
                 file=p,
                 line=line,

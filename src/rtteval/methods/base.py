@@ -61,8 +61,6 @@ PAPER_TRAIN: dict = dict(optimizer="lion", epochs=3, max_steps=None, target_forg
 TINY_MAX_PARAMS = 100_000_000
 
 
-
-
 def num(kind: type, **bounds: float) -> Any:
     """A strict, finite number type with bounds: ``true`` is not 1 and 1e23 is not an int."""
     extra = {"allow_inf_nan": False} if kind is float else {}
