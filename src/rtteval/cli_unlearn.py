@@ -141,24 +141,29 @@ def unlearn_cmd(
         ),
     ] = None,
     retain_coef: Annotated[
-        float | None, typer.Option(help="λ, weight of the retain NLL", parser=NON_NEGATIVE)
+        float | None,
+        typer.Option(help="λ, weight of the retain NLL (0: no retain loss)", parser=NON_NEGATIVE),
     ] = None,
     steering_coef: Annotated[
         float | None, typer.Option(help="RMU: c (absolute)", parser=POSITIVE)
     ] = None,
     alpha: Annotated[
-        float | None, typer.Option(help="RMU: retain weight α", parser=NON_NEGATIVE)
+        float | None,
+        typer.Option(help="RMU: retain weight α (0: no retain loss)", parser=NON_NEGATIVE),
     ] = None,
     layer: Annotated[
         int | None, typer.Option(help="RMU: layer ℓ (0: the first)", parser=COUNT0)
     ] = None,
     beta: Annotated[float | None, typer.Option(help="NPO / SimNPO: β", parser=POSITIVE)] = None,
     delta: Annotated[
-        float | None, typer.Option(help="SimNPO: margin δ", parser=NON_NEGATIVE)
+        float | None,
+        typer.Option(help="SimNPO: margin δ (0: no margin, the default)", parser=NON_NEGATIVE),
     ] = None,
     target_forget_acc: Annotated[
         float | None,
-        typer.Option(help="stop once forget accuracy is at most this", parser=FRACTION),
+        typer.Option(
+            help="stop once forget accuracy is at most this (0: only at zero)", parser=FRACTION
+        ),
     ] = None,
     eval_every_steps: Annotated[int, typer.Option(parser=COUNT)] = 10,
     sweep: Annotated[bool, typer.Option(help="run the method's grid and select")] = False,
@@ -167,7 +172,10 @@ def unlearn_cmd(
     ] = None,
     retain_threshold: Annotated[
         float,
-        typer.Option(help="sweep: keep points with retain >= original - this", parser=FRACTION),
+        typer.Option(
+            help="sweep: keep points with retain >= original - this (0: no retain loss allowed)",
+            parser=FRACTION,
+        ),
     ] = 0.05,
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",

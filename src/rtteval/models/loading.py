@@ -8,9 +8,15 @@ user asks, since a hub repo's Python would otherwise run on their machine.
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -84,6 +90,77 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+#: Seconds to wait for the Hugging Face Hub to accept a connection before
+#: working offline (only the local cache), instead of minutes of retries.
+HUB_PROBE_TIMEOUT = 3.0
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _hub_host() -> tuple[str, int]:
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.cache
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hub's host accepts a TCP connection within ``timeout`` seconds.
+
+    ``HF_HUB_OFFLINE=1`` counts as unreachable.  The probe runs in a thread
+    because name resolution has no timeout of its own.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host, port = _hub_host()
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _source(name_or_path: str | Path) -> tuple[str, bool]:
+    """``(ref, offline)``: check a reference that is not a local directory before any download.
+
+    A reference that does not exist locally is a hub id; if it cannot be one
+    (say ``runs/x/model``, a mistyped path) or the hub is unreachable and it
+    is not in the local cache, say so in one line now rather than after the
+    hub client's retries.
+    """
+    ref = str(name_or_path)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError("not a model directory (no config.json)", file=ref)
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise UserError(
+                f"model directory has no tokenizer ({' or '.join(_TOKENIZER_FILES[:2])}); save "
+                "the tokenizer beside the weights (tokenizer.save_pretrained(dir))",
+                file=ref,
+            )
+        return ref, False
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(ref):
+        raise UserError("no such local model directory (and not a Hugging Face hub id)", file=ref)
+    return ref, not hub_reachable()
+
+
+def _offline_error(ref: str) -> UserError:
+    host, _port = _hub_host()
+    return UserError(
+        f"no such local model directory, and as a hub id it is not in the local cache while "
+        f"the Hugging Face Hub ({host}) is unreachable (a mistyped local path?)",
+        file=ref,
+    )
+
+
 def load_tokenizer(
     name_or_path: str | Path, *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -93,9 +170,14 @@ def load_tokenizer(
     because every forward pass in rtteval passes an attention mask and
     position ids derived from it, and padded label positions are -100.
     """
+    ref, offline = _source(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            ref, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
     except (OSError, ValueError) as e:
+        if offline:
+            raise _offline_error(ref) from None
         raise UserError(f"could not load tokenizer from {name_or_path!s}: {e}") from e
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -119,20 +201,21 @@ def load_model(
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    path = Path(str(name_or_path))
-    if (path.exists() or str(name_or_path).startswith((".", "/"))) and not (
-        path / "config.json"
-    ).exists():
-        raise UserError(f"{name_or_path!s}: not a model directory (no config.json)")
+    ref, offline = _source(name_or_path)
     tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     kwargs: dict = dict(
-        dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        local_files_only=offline,
     )
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as e:
+        if offline:
+            raise _offline_error(ref) from None
         raise UserError(f"could not load model from {name_or_path!s}: {e}") from e
     if device_map is None:
         model.to(dev)
