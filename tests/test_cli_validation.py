@@ -75,7 +75,9 @@ def test_numeric_option_sweep(path, cmd, opt, cli):
     values = ["0", "-1", "abc"] + (["inf", "nan"] if spec.kind is float else ["1.5"])
     for value in values:
         try:
-            legit = spec.accepts(float(value)) and (spec.kind is float or value.lstrip("-").isdigit())
+            legit = spec.accepts(float(value)) and (
+                spec.kind is float or value.lstrip("-").isdigit()
+            )
         except ValueError:
             legit = False
         args = [*_required_args(cmd, opt), flag, value]
