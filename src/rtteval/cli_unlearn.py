@@ -40,15 +40,20 @@ def _load_grid(spec: str | None) -> dict[str, list[Any]] | None:
     if not spec.lstrip().startswith("{"):
         if not path.is_file():
             raise ConfigError(f"--grid {spec!r}: neither inline JSON nor an existing file")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --grid file: {e}", file=path) from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from rtteval.config import load_yaml
 
-            grid = yaml.safe_load(text)
+            grid = load_yaml(text, str(path))
         else:
             grid = json.loads(text)
-    except Exception as e:  # json / yaml parse errors
+    except ConfigError:
+        raise
+    except Exception as e:  # json parse errors
         raise ConfigError(f"--grid {spec!r}: cannot parse: {e}") from e
     if not isinstance(grid, dict):
         raise ConfigError("--grid must be a mapping of parameter name to a list of values")

@@ -572,6 +572,11 @@ def _yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     return node, data
 
 
+def load_yaml(text: str, source: str) -> Any:
+    """YAML as configs read it: ``1e-4`` is a float, aliases are bounded (a ConfigError if not)."""
+    return _yaml(text, source)[1]
+
+
 def _compose_lines(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
     """Parse YAML and record the 1-based line of every key and list item by its location.
 

@@ -106,11 +106,14 @@ def _hub_host() -> tuple[str, int]:
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """Whether the Hub's host accepts a TCP connection within ``timeout`` seconds.
 
-    ``HF_HUB_OFFLINE=1`` counts as unreachable.  The probe runs in a thread
-    because name resolution has no timeout of its own.
+    ``HF_HUB_OFFLINE=1`` counts as unreachable.  Behind an HTTPS proxy a
+    direct connection proves nothing, so the hub client decides.  The probe
+    runs in a thread because name resolution has no timeout of its own.
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     host, port = _hub_host()
     ok: list[bool] = []
 
