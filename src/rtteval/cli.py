@@ -24,6 +24,7 @@ from rtteval.cli_options import (
     POSITIVE,
     SEED,
     check_device_option,
+    show_ranges,
 )
 from rtteval.cli_run import run_cmd, status_cmd
 from rtteval.cli_unlearn import unlearn_cmd
@@ -238,6 +239,9 @@ def _models_table(results: dict) -> Table:
             fmt(e.get("retain_unlearned")),
         )
     return t
+
+
+show_ranges(app)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ so a new numeric option is covered as soon as it exists.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,3 +79,23 @@ def check_device_option(device: str) -> None:
         check_device(device)
     except UserError as e:
         raise UserError(e.message, file="--device") from None
+
+
+def show_ranges(app: Any) -> None:
+    """Append every numeric option's declared range to its ``--help`` text.
+
+    The range is declared once, in the option's ``parser``; this makes the
+    help say it too (``--batch-size  <int>  ... (an integer >= 1)``).
+    """
+    apps = [app, *(g.typer_instance for g in app.registered_groups)]
+    for a in apps:
+        for c in a.registered_commands:
+            # string annotations (PEP 563) are re-evaluated into new objects on every
+            # read, so store the evaluated, amended ones back for typer to read
+            hints = typing.get_type_hints(c.callback, include_extras=True)
+            for name, ann in hints.items():
+                for meta in getattr(ann, "__metadata__", ()):
+                    spec = getattr(meta, "parser", None)
+                    if isinstance(spec, Number) and spec.describe() not in (meta.help or ""):
+                        meta.help = f"{meta.help + ' ' if meta.help else ''}({spec.describe()})"
+                        c.callback.__annotations__[name] = ann
