@@ -363,6 +363,15 @@ class AttackSpec(_Strict):
             raise ValueError(f"unknown attack {v!r}; known: {', '.join(sorted(ATTACKS))}")
         return v
 
+    @model_validator(mode="after")
+    def _resolves(self) -> AttackSpec:
+        """The resolved RTTConfig passes its own checks (duplicate lrs ...) at load time."""
+        try:
+            self.rtt_dict(seed=0)
+        except UserError as e:
+            raise LocatedError((e.field,) if e.field else (), e.message) from None
+        return self
+
     def rtt_dict(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The resolved :class:`rtteval.attacks.rtt.RTTConfig` as a dict (stored in job keys)."""
         from rtteval.attacks.rtt import RTTConfig
