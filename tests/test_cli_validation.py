@@ -302,7 +302,7 @@ def test_item13_missing_model_decided_quickly_without_network(tiny_world):
 
 def test_item14_messages(tmp_path, cli, pretrained_tiny):
     msg = _one_line(cli("world", "--out", tmp_path / "w", "--preset", "huge"))
-    assert "Value error" not in msg and "huge" in msg
+    assert "Value error" not in msg and "--preset" in msg and "huge" in msg
     msg = _one_line(cli("run", _study(tmp_path, "attack: {folds: [split_9]}\n"), "--dry-run"))
     assert "study.yaml:8" in msg and "attack.folds" in msg and "split_9" in msg
     msg = _one_line(cli("run", _study(tmp_path, ""), "attack.lrs=[.inf]", "--dry-run"))

@@ -69,8 +69,12 @@ def world(
     overwrite: Annotated[bool, typer.Option(help="replace an existing directory")] = False,
 ) -> None:
     """Write a synthetic world of facts in the paper's dataset layout."""
-    from rtteval.data.world import write_world
+    from rtteval.data.world import PRESETS, write_world
 
+    if preset not in PRESETS:
+        raise UserError(
+            f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}", file="--preset"
+        )
     path = write_world(out, seed=seed, preset=preset, overwrite=overwrite)
     manifest = json.loads((path / "manifest.json").read_text())
     print(json.dumps({"out": str(path), "counts": manifest.get("counts", {})}))
