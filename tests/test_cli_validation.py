@@ -169,6 +169,7 @@ def test_item6_yaml_1e_notation_is_a_float(tmp_path):
         (["pretrain", "--world", "w", "--out", "o", "--target", "2"], "--target"),
         (["eval", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
         (["pretrain", "--world", "w", "--out", "o", "--lr", "-1"], "--lr"),
+        (["eval", "--model", "m", "--data", "d", "--mode", "bogus"], "--mode"),
     ],
 )  # fmt: skip
 def test_item6_item12_cli_values(tmp_path, cli, args, flag):

@@ -177,9 +177,16 @@ def eval_cmd(
     from rtteval.data import load_dataset
     from rtteval.models import load_model
     from rtteval.pretrain import scoring_for
-    from rtteval.scoring import evaluate_mcq
+    from rtteval.scoring import LETTER_FORMATS, evaluate_mcq
 
     check_device_option(device)
+    if mode is not None and mode not in ("letter", "calibrated", "likelihood"):
+        raise UserError(f"{mode!r}: use letter, calibrated or likelihood", file="--mode")
+    if letter_format not in LETTER_FORMATS and "{letter}" not in letter_format:
+        raise UserError(
+            f"{letter_format!r}: use {', '.join(LETTER_FORMATS)} or a template with {{letter}}",
+            file="--letter-format",
+        )
     ds = load_dataset(data)
     m, tok = load_model(model, device=device)
     sc = scoring_for(ds, batch_size=batch_size)
