@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rtteval.errors import ConfigError
+from rtteval.errors import ConfigError, DataError
 from rtteval.scoring import ScoringConfig, evaluate_mcq
 from rtteval.train import (
     Lion,
@@ -66,7 +66,7 @@ def test_encode_refuses_silent_truncation():
     _, texts, tok, _ = toy_tokenizer_and_model()
     ids = encode_texts(tok, texts[:2])
     assert ids[0][0] == tok.bos_token_id and ids[0][-1] == tok.eos_token_id
-    with pytest.raises(ConfigError):
+    with pytest.raises(DataError, match="over the model's maximum context of 3"):
         encode_texts(tok, ["a b c d e f g"], max_length=3)
 
 

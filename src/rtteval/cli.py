@@ -261,6 +261,8 @@ def main() -> None:
         rc = app(standalone_mode=False)
         # with standalone_mode=False, a command's typer.Exit(code) comes back as a return value
         if isinstance(rc, int) and rc != 0:
+            if rc == 130:  # Ctrl-C, which typer turns into a silent exit status
+                print("rtteval: interrupted", file=sys.stderr)
             sys.exit(rc)
     except UserError as e:
         print(f"rtteval: error: {e.render()}", file=sys.stderr)

@@ -9,6 +9,8 @@ read-only and shows progress per stage.
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +24,7 @@ console = Console(stderr=True)
 
 
 def _say(msg: str) -> None:
-    console.print(msg, markup=False, highlight=False)
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)  # one line, never wrapped
 
 
 def run_cmd(
@@ -56,10 +58,44 @@ def run_cmd(
         summary = run_study(loaded, say=_say)
     except UserError as e:  # a check that needs the data (fold names ...): name the config line
         raise loaded.locate(e) from None
+    except KeyboardInterrupt:
+        resume = ["rtteval", "run", str(config), *(overrides or [])]
+        if executor is not None:
+            resume += ["--executor", executor]
+        print(
+            f"rtteval: interrupted: {_finished(Path(loaded.config.output_dir))}; "
+            f"resume with: {shlex.join(resume)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None  # not typer.Exit: main() would add its own line
     _print_counts(summary.counts, title=f"study {loaded.config.name!r} ({summary.wall_time:.0f} s)")
     print(json.dumps(summary.to_dict()))
+    rep = summary.report
+    no_result = rep is not None and not rep["result"]
+    if no_result:
+        out = Path(loaded.config.output_dir) / "report.md"
+        print(
+            f"rtteval: error: study {loaded.config.name!r} produced no result ({rep['why']}); "
+            f"see {out}",
+            file=sys.stderr,
+        )
     if summary.failed:
         raise typer.Exit(1)
+    if no_result:
+        raise typer.Exit(3)
+
+
+def _finished(out: Path) -> str:
+    """'N of M jobs finished' from the store of an interrupted study (what a resume keeps)."""
+    from rtteval.runner.store import DB_NAME, FINAL_OK, Store
+
+    if not (out / DB_NAME).is_file():
+        return "no job had started"
+    with Store(out / DB_NAME, readonly=True) as store:
+        keys = set((store.get_meta("plan") or {}).get("keys") or [])
+        rows = [r for r in store.rows() if r.key in keys]
+    done = sum(1 for r in rows if r.status in FINAL_OK)
+    return f"{done} of {len(keys)} jobs finished and are kept"
 
 
 def _print_plan(loaded) -> None:  # noqa: ANN001 - LoadedConfig, imported lazily
@@ -111,22 +147,35 @@ def status_cmd(
     ] = False,
 ) -> None:
     """Progress of a study: jobs per stage and status (read-only; safe while it runs)."""
+    from rtteval.runner.driver import driver_alive
     from rtteval.runner.store import DB_NAME, Store
 
     db = out_dir / DB_NAME
     if not db.is_file():
         raise UserError(f"no {DB_NAME} here (not a study output directory?)", file=out_dir)
+    alive = driver_alive(out_dir)
     with Store(db, readonly=True) as store:
         plan = store.get_meta("plan") or {}
         keys = plan.get("keys")
         counts = store.counts_by_stage(keys)
         failed = [r for r in store.rows(status="failed") if keys is None or r.key in set(keys)]
         stale = store.n_rows() - len(keys) if keys is not None else 0
+    interrupted = 0
+    if not alive:  # rows a killed driver left `running` are not running: the next run redoes them
+        for row in counts.values():
+            interrupted += row.get("running", 0)
+            row["pending"] = row.get("pending", 0) + row.get("running", 0)
+            row["running"] = 0
     _print_counts(counts, title=f"study {plan.get('study', '?')!r}: {out_dir}")
     for r in failed[:10]:
         _say(f"failed: {r.name}: {r.error} (attempts {r.attempts})")
     if stale > 0:
         _say(f"note: {stale} job(s) in the store belong to an earlier version of the config")
+    if interrupted:
+        _say(
+            f"note: no driver is running; {interrupted} job(s) it left running were interrupted "
+            "and count as pending (`rtteval run` on the same config resumes them)"
+        )
     totals: dict[str, int] = {}
     for row in counts.values():
         for s, n in row.items():
@@ -136,5 +185,13 @@ def status_cmd(
         from rtteval.runner.results import report_from_store
 
         info = report_from_store(out_dir, n_boot=int(plan.get("n_boot", 1000)))
-        _say(f"report: {', '.join(info['files'])}{' (partial)' if info['partial'] else ''}")
-    print(json.dumps({"out": str(out_dir), "counts": counts, "totals": totals, "report": info}))
+        if not info["result"]:
+            _say(f"report: report.md (no result: {info['why']})")
+        else:
+            _say(f"report: {', '.join(info['files'])}{' (partial)' if info['partial'] else ''}")
+    print(
+        json.dumps(
+            {"out": str(out_dir), "driver_running": alive, "interrupted": interrupted,
+             "counts": counts, "totals": totals, "report": info}
+        )
+    )  # fmt: skip

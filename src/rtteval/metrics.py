@@ -78,6 +78,7 @@ class CurvePoint:
     v_acc: float
     holdout_acc: float | None = None
     retain_acc: float | None = None
+    diverged: bool = False
 
 
 def _tie_key(p: CurvePoint) -> tuple[float, int]:
@@ -88,10 +89,12 @@ def select_optimistic(points: Iterable[CurvePoint], *, min_epoch: int = 1) -> Cu
     """The paper's attacker: the point with the best V accuracy.
 
     Points before ``min_epoch`` are not candidates: epoch 0 is the model
-    before RTT, and "the attack" means fine-tuning.  Ties go to the smaller
-    learning rate, then the earlier epoch.  ``None`` if there is no candidate.
+    before RTT, and "the attack" means fine-tuning.  Nor are ``diverged``
+    points: an attacker discards a learning rate whose training blew up.
+    Ties go to the smaller learning rate, then the earlier epoch.  ``None``
+    if there is no candidate.
     """
-    cands = [p for p in points if p.epoch >= min_epoch and _finite(p.v_acc)]
+    cands = [p for p in points if p.epoch >= min_epoch and not p.diverged and _finite(p.v_acc)]
     if not cands:
         return None
     return min(cands, key=lambda p: (-p.v_acc, *_tie_key(p)))
@@ -106,7 +109,10 @@ def select_honest(points: Iterable[CurvePoint], *, min_epoch: int = 1) -> CurveP
     cands = [
         p
         for p in points
-        if p.epoch >= min_epoch and p.holdout_acc is not None and _finite(p.holdout_acc)
+        if p.epoch >= min_epoch
+        and not p.diverged
+        and p.holdout_acc is not None
+        and _finite(p.holdout_acc)
     ]
     if not cands:
         return None

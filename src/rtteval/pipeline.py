@@ -41,6 +41,12 @@ def run_demo(
         raise UserError(
             f"{len(summary.failed)} demo job(s) failed; see {out}/logs and `rtteval status {out}`"
         )
+    if summary.report is not None and not summary.report["result"]:
+        from rtteval.errors import UserError
+
+        raise UserError(
+            f"the demo produced no result ({summary.report['why']}); see report.md", file=out
+        )
     results = load_results(out)
     results.setdefault("meta", {})["demo_wall_time"] = summary.wall_time
     return results

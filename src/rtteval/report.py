@@ -506,6 +506,48 @@ def _chosen_str(pts: list[dict[str, Any] | None] | None) -> str:
     return ", ".join("diverged" if p is None else f"lr {p['lr']:g}, ep {p['epoch']}" for p in pts)
 
 
+def _divergence_md(results: Mapping[str, Any]) -> list[str]:
+    """Which RTT runs and unlearning grid points diverged: they are recorded, never selected."""
+    rows = []
+    for rec in results.get("attacks", []):
+        who = f"unlearned: {rec['method']}" if rec.get("role") == "unlearned" else rec.get("role")
+        for f in rec["folds"]:
+            for r in f["runs"]:
+                if r.get("status") == "diverged":
+                    rows.append(
+                        [rec["dataset"], str(who), str(rec.get("seed_index", 0)), f["v"],
+                         f"{r['lr']:g}", str(len(r.get("epochs", []))), r.get("message") or "-"]
+                    )  # fmt: skip
+    out = ["", "## Divergence", ""]
+    if rows:
+        out += [
+            "An RTT learning rate that diverged on any fold is never selected, for any fold "
+            "(the choice of lr is shared across folds); the epochs it completed before diverging "
+            "stay in results.json.",
+            "",
+            _md_table(
+                ["dataset", "model", "seed", "V", "lr", "epochs before", "what happened"], rows
+            ),
+        ]
+    else:
+        out.append("No RTT run diverged.")
+    unl = []
+    sel = (results.get("config", {}).get("run") or {}).get("selection") or {}
+    for label, seeds in sel.items():
+        for e in seeds:
+            for pt in e.get("diverged") or []:
+                unl.append([label, str(e.get("seed")), json.dumps(pt.get("params")),
+                            pt.get("message") or "-"])  # fmt: skip
+    if unl:
+        out += [
+            "",
+            "Unlearning grid points that diverged (never selected):",
+            "",
+            _md_table(["method", "seed", "point", "what happened"], unl),
+        ]
+    return out
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
     s = results["summary"]
@@ -522,6 +564,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "Unlearned+RTT / Original+RTT (the paper's kind of number). Brackets: bootstrap 95% CIs "
         "over questions (and seeds). Selection is shared across folds; epoch ≥ 1.",
         "",
+    ]
+    run = results.get("config", {}).get("run") or {}
+    if run.get("partial"):
+        out += ["**Partial results.** Not included:", ""]
+        out += [f"- {m}" for m in run.get("missing") or ["(not recorded)"]]
+        out.append("")
+    out += [
         "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
         "",
     ]
@@ -644,6 +693,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             ["dataset", "method", "selection", "Original+RTT", "Unlearned+RTT", "Control+RTT"], rows
         )
     )
+    out += _divergence_md(results)
     out += ["", "## Per fold (optimistic selection)", ""]
     out.append(
         _md_table(

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rtteval.data.types import LETTERS, MCQ
-from rtteval.errors import ConfigError
+from rtteval.errors import ConfigError, DataError
 
 ScoringMode = Literal["letter", "calibrated", "likelihood"]
 
@@ -151,8 +151,58 @@ def forward_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     return out.logits.float()
 
 
+#: ``model_max_length`` at or above this means "no limit" (transformers' placeholder is 1e30).
+_NO_LIMIT = 10**8
+
+
+def context_limit(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The model's maximum sequence length, which :func:`rtteval.models.load_model` records
+    on its tokenizer (``model_max_length``); None when unknown."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < _NO_LIMIT else None
+
+
+def check_context(
+    tokenizer: PreTrainedTokenizerBase,
+    lengths: Sequence[int],
+    sources: Sequence[str | None] | None = None,
+    *,
+    what: str = "a question",
+    texts: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> None:
+    """Refuse any sequence longer than the model's context, naming the longest one's file:line.
+
+    The one length check of scoring and training (``rtteval.train.encode_texts``
+    calls it too).  Refused, not truncated: cutting a prompt drops the
+    question or its choices, so its score would be another question's, and
+    past the context a model's positions are untrained (or, for a long
+    enough text, the attention matrix alone exhausts memory).  ``sources``
+    are ``path:line`` strings as the dataset loader records them.
+    """
+    limit = limit if limit is not None else context_limit(tokenizer)
+    if limit is None or not lengths:
+        return
+    i = max(range(len(lengths)), key=lambda j: lengths[j])
+    if lengths[i] <= limit:
+        return
+    n_over = sum(1 for n in lengths if n > limit)
+    src = sources[i] if sources is not None else None
+    file, line = None, None
+    if src:
+        path, _, ln = str(src).rpartition(":")
+        file, line = (path, int(ln)) if ln.isdigit() and path else (src, None)
+    shown = f" ({texts[i][:60]!r}...)" if texts is not None and file is None else ""
+    raise DataError(
+        f"{what} is {lengths[i]} tokens{shown}, over the model's maximum context of {limit} "
+        f"tokens ({n_over} such; the longest is named); shorten it or use a longer-context model",
+        file=file,
+        line=line,
+    )
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=True)
+    return tokenizer.encode(text, add_special_tokens=True, verbose=False)  # check_context says it
 
 
 @torch.no_grad()
@@ -166,6 +216,9 @@ def score_letters(
     n_choices = len(questions[0].choices)
     letter_ids = torch.tensor(letter_token_ids(tokenizer, n_choices, cfg.letter_format))
     encoded = [_encode(tokenizer, letter_prompt(q, cfg)) for q in questions]
+    check_context(
+        tokenizer, [len(e) for e in encoded], [q.source for q in questions], what="a question"
+    )
     out = torch.empty((len(questions), n_choices))
     for start in range(0, len(encoded), cfg.batch_size):
         chunk = encoded[start : start + cfg.batch_size]
@@ -263,6 +316,7 @@ def score_likelihood(
     fast = single_token_items(tokenizer, questions, cfg) if allow_single_pass else None
     if fast is not None:
         ctxs, conts = fast
+        check_context(tokenizer, [len(c) + 1 for c in ctxs], [q.source for q in questions])
         out = torch.empty((len(questions), len(conts[0])))
         bs = cfg.batch_size * len(conts[0])
         for start in range(0, len(ctxs), bs):
@@ -280,11 +334,14 @@ def score_likelihood(
             )
         return out
     items: list[tuple[list[int], int]] = []  # (full sequence, continuation length)
+    longest: list[int] = []  # per question, its longest choice's sequence
     for q in questions:
         prompt = cfg.likelihood_prompt.format(question=q.question)
         for c in q.choices:
             ctx, cont = continuation_ids(tokenizer, prompt, " " + c)
             items.append((ctx + cont, len(cont)))
+        longest.append(max(len(s) for s, _ in items[-len(q.choices) :]))
+    check_context(tokenizer, longest, [q.source for q in questions])
     flat = torch.empty(len(items))
     bs = cfg.batch_size * len(questions[0].choices)
     for start in range(0, len(items), bs):

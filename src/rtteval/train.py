@@ -182,19 +182,26 @@ def encode_texts(
     *,
     max_length: int | None = None,
     add_eos: bool = True,
+    sources: Sequence[str | None] | None = None,
 ) -> list[list[int]]:
-    """Token ids with BOS (from the tokenizer) and EOS appended; refuses silent truncation."""
+    """Token ids with BOS (from the tokenizer) and EOS appended.
+
+    A text longer than ``max_length`` (default: the model's context, see
+    :func:`rtteval.scoring.check_context`) is refused, never truncated;
+    ``sources`` (``path:line`` per text) let the error name the longest one's line.
+    """
+    from rtteval.scoring import check_context
+
     out = []
-    limit = max_length or getattr(tokenizer, "model_max_length", None) or 10**9
     for t in texts:
-        ids = tokenizer.encode(t, add_special_tokens=True)
+        ids = tokenizer.encode(t, add_special_tokens=True, verbose=False)
         if add_eos and tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
-        if len(ids) > limit:
-            raise ConfigError(
-                f"a training text is {len(ids)} tokens, over max_length {limit}: {t[:60]!r}..."
-            )
         out.append(ids)
+    check_context(
+        tokenizer, [len(s) for s in out], sources, what="a training text", texts=texts,
+        limit=max_length,
+    )  # fmt: skip
     return out
 
 

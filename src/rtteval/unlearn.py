@@ -163,12 +163,25 @@ def forget_texts(dataset: Dataset, method: Method) -> tuple[list[str], str]:
     with their answers when a dataset has no ``corpus_`` files (MMLU);
     RIA/FWF need their wrong-answer corpora and refuse without them.
     """
+    texts, _, source = _forget_items(dataset, method)
+    return texts, source
+
+
+def _forget_items(dataset: Dataset, method: Method) -> tuple[list[str], list[str | None], str]:
+    """:func:`forget_texts` with each text's ``path:line``, for a length error that names it."""
     passages = dataset.passages(method.corpus)
     if passages:
-        return [p.text for p in passages], f"{method.corpus} of {dataset.split_names}"
+        return (
+            [p.text for p in passages], [p.source for p in passages],
+            f"{method.corpus} of {dataset.split_names}",
+        )  # fmt: skip
     if method.corpus == "corpus":
-        texts = [format_mcq(q, with_answer=True) for q in dataset.questions()]
-        return texts, f"forget questions with answers (no corpus_ files) of {dataset.split_names}"
+        qs = dataset.questions()
+        texts = [format_mcq(q, with_answer=True) for q in qs]
+        return (
+            texts, [q.source for q in qs],
+            f"forget questions with answers (no corpus_ files) of {dataset.split_names}",
+        )  # fmt: skip
     prefix = {"wrong_corpus": "whp_corpus_", "fixed_wrong_corpus": "fwf_corpus_"}[method.corpus]
     raise ConfigError(
         f"method {method.name!r} trains on {prefix}<split>.jsonl files, and {dataset.root} "
@@ -184,13 +197,15 @@ class RetainData:
     eval_questions: list[MCQ]
     scoring: ScoringConfig
     source: str
+    text_sources: list[str | None] | None = None  # each text's path:line
 
 
-def _texts_for(ds: Dataset, names: list[str]) -> list[str]:
+def _texts_for(ds: Dataset, names: list[str]) -> tuple[list[str], list[str | None]]:
     passages = ds.passages("corpus", names)
     if passages:
-        return [p.text for p in passages]
-    return [format_mcq(q, with_answer=True) for q in ds.questions(names)]
+        return [p.text for p in passages], [p.source for p in passages]
+    qs = ds.questions(names)
+    return [format_mcq(q, with_answer=True) for q in qs], [q.source for q in qs]
 
 
 def retain_data(
@@ -212,8 +227,9 @@ def retain_data(
     m = src.manifest or {}
     tr, ev = m.get("retain_train"), m.get("retain_eval")
     if tr in src.retain and ev in src.retain:
+        texts, where = _texts_for(src, [tr])
         return RetainData(
-            _texts_for(src, [tr]), src.retain[ev], scoring_for(src), f"{src.name}: {tr} / {ev}"
+            texts, src.retain[ev], scoring_for(src), f"{src.name}: {tr} / {ev}", where
         )
     if retain_dataset is None:
         raise ConfigError(
@@ -223,7 +239,7 @@ def retain_data(
     names = list(src.splits) + list(src.retain)
     if len(names) >= 2:
         train_names, eval_names = names[1::2], names[0::2]
-        texts, eval_q = _texts_for(src, train_names), src.questions(eval_names)
+        (texts, where), eval_q = _texts_for(src, train_names), src.questions(eval_names)
         source = f"{src.name}: train {train_names} / eval {eval_names}"
     else:
         qs = list(src.questions(names))
@@ -232,9 +248,10 @@ def retain_data(
         if half == 0:
             raise ConfigError(f"retain data {src.root} has too few questions to hold half out")
         texts = [format_mcq(q, with_answer=True) for q in qs[:half]]
+        where = [q.source for q in qs[:half]]
         eval_q = qs[half:]
         source = f"{src.name}: {names[0]} split in halves (train {half} / eval {len(eval_q)})"
-    return RetainData(texts, eval_q, scoring_for(src), source)
+    return RetainData(texts, eval_q, scoring_for(src), source, where)
 
 
 def paired_batches(
@@ -284,12 +301,12 @@ def prepare(
     retain_dataset: Dataset | None = None,
     seed: int = 0,
 ) -> Prepared:
-    texts, source = forget_texts(dataset, method)
+    texts, where, source = _forget_items(dataset, method)
     retain = retain_data(dataset, retain_dataset, seed=seed)
     return Prepared(
         method=method,
-        forget_seqs=encode_texts(tokenizer, texts),
-        retain_seqs=encode_texts(tokenizer, retain.texts),
+        forget_seqs=encode_texts(tokenizer, texts, sources=where),
+        retain_seqs=encode_texts(tokenizer, retain.texts, sources=retain.text_sources),
         forget_questions=dataset.questions(),
         forget_split_sizes={n: len(q) for n, q in dataset.splits.items()},
         forget_scoring=scoring_for(dataset),

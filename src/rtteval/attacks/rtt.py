@@ -42,7 +42,13 @@ from rtteval.data.world import QA_TEMPLATE
 from rtteval.errors import ConfigError, DataError
 from rtteval.metrics import CurvePoint
 from rtteval.models import restore_state, snapshot_state
-from rtteval.scoring import ScoringConfig, continuation_ids, evaluate_mcq, format_mcq
+from rtteval.scoring import (
+    ScoringConfig,
+    check_context,
+    continuation_ids,
+    evaluate_mcq,
+    format_mcq,
+)
 from rtteval.train import (
     Ensemble,
     TrainConfig,
@@ -207,13 +213,15 @@ class TrainItem:
     ``prompt`` (``mcq_answer`` only) is the prefix of ``text`` that gets no
     loss.  ``split`` and ``ref`` (a question id or ``corpus_<split>#<index>``)
     are the recorded provenance; :func:`check_provenance` trusts neither and
-    also searches the text itself.
+    also searches the text itself.  ``source`` is the dataset line it was
+    built from (``path:line``), for errors.
     """
 
     text: str
     split: str
     ref: str
     prompt: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -264,13 +272,16 @@ def _qa_template(dataset: Dataset) -> str:
 def _question_item(q: MCQ, split: str, loss: str, dataset: Dataset) -> TrainItem:
     ref = question_id(q)
     if loss == "mcq":
-        return TrainItem(format_mcq(q, with_answer=True), split, ref)
+        return TrainItem(format_mcq(q, with_answer=True), split, ref, source=q.source)
     if loss == "mcq_answer":
-        return TrainItem(format_mcq(q, with_answer=True), split, ref, prompt=format_mcq(q))
+        return TrainItem(
+            format_mcq(q, with_answer=True), split, ref, prompt=format_mcq(q), source=q.source
+        )
     if loss == "qa":
         return TrainItem(
-            _qa_template(dataset).format(question=q.question, answer=q.answer_text), split, ref
-        )
+            _qa_template(dataset).format(question=q.question, answer=q.answer_text), split, ref,
+            source=q.source,
+        )  # fmt: skip
     raise ConfigError(f"loss {loss!r} is not built from questions")
 
 
@@ -375,7 +386,7 @@ def _corpus_items(
                 continue
             if fid is None and pat is None:
                 linked = False
-            items.append(TrainItem(p.text, p.split or t, f"corpus_{t}#{i}"))
+            items.append(TrainItem(p.text, p.split or t, f"corpus_{t}#{i}", source=p.source))
     return items, linked or not holdout
 
 
@@ -642,9 +653,20 @@ class ModelAttack:
                     out.append((lr, ep))
         return out
 
+    def diverged_lrs(self) -> set[float]:
+        """Learning rates whose run diverged on some fold (selection shares an lr over folds)."""
+        return {r.lr for f in self.folds for r in f.runs if r.status == "diverged"}
+
     def curve_points(self, *, include_before: bool = False) -> list[CurvePoint]:
-        """Pooled over folds: V (and held-out) accuracy over all their questions at each point."""
+        """Pooled over folds: V (and held-out) accuracy over all their questions at each point.
+
+        Every epoch of a learning rate that diverged on any fold is marked
+        ``diverged`` (epoch 0, the model before RTT, never is), which keeps it
+        out of selection: the evaluations before the blow-up are of a run
+        the attacker would have discarded.
+        """
         pts = []
+        bad = self.diverged_lrs()
         keys = self.grid()
         if include_before:
             keys = [(lr, 0) for lr in self.lrs] + keys
@@ -654,7 +676,12 @@ class ModelAttack:
             hs = [e.holdout_correct for e in evs if e is not None and e.holdout_correct]
             h = float(np.concatenate([np.asarray(x, float) for x in hs]).mean()) if hs else None
             rs = [e.retain_acc for e in evs if e is not None and e.retain_acc is not None]
-            pts.append(CurvePoint(lr, ep, float(v.mean()), h, float(np.mean(rs)) if rs else None))
+            pts.append(
+                CurvePoint(
+                    lr, ep, float(v.mean()), h, float(np.mean(rs)) if rs else None,
+                    diverged=ep > 0 and lr in bad,
+                )
+            )  # fmt: skip
         return pts
 
     def correct_at(self, lr: float, epoch: int) -> np.ndarray:
@@ -713,9 +740,9 @@ def _encode_items(
     tokenizer: PreTrainedTokenizerBase, items: Sequence[TrainItem]
 ) -> tuple[list[list[int]], list[list[int]] | None]:
     """Token ids (BOS ... EOS); loss masks only when some item has a no-loss prompt."""
+    sources = [it.source for it in items]
     if not any(it.prompt is not None for it in items):
-        return encode_texts(tokenizer, [it.text for it in items]), None
-    limit = getattr(tokenizer, "model_max_length", None) or 10**9
+        return encode_texts(tokenizer, [it.text for it in items], sources=sources), None
     seqs, masks = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for it in items:
@@ -728,10 +755,9 @@ def _encode_items(
             raise ValueError(f"prompt is not a prefix of its text: {it.text[:60]!r}")
         ctx, cont = continuation_ids(tokenizer, it.prompt, it.text[len(it.prompt) :])
         ids = ctx + cont + eos
-        if len(ids) > limit:
-            raise ConfigError(f"a training text is {len(ids)} tokens, over max_length {limit}")
         seqs.append(ids)
         masks.append([0] * len(ctx) + [1] * (len(cont) + len(eos)))
+    check_context(tokenizer, [len(x) for x in seqs], sources, what="a training text")
     return seqs, masks
 
 

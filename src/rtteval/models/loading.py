@@ -223,7 +223,22 @@ def load_model(
     if device_map is None:
         model.to(dev)
     model.eval()
+    record_context(model, tok)
     return model, tok
+
+
+def record_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Cap ``tokenizer.model_max_length`` at the model's ``max_position_embeddings``.
+
+    Scoring and training check lengths against the tokenizer
+    (:func:`rtteval.scoring.check_context`), and a hub tokenizer often says
+    "no limit"; the model's positions are the real one.
+    """
+    n = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        cur = getattr(tokenizer, "model_max_length", None)
+        if not isinstance(cur, int) or cur > n:
+            tokenizer.model_max_length = n
 
 
 def save_model(

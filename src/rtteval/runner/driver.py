@@ -76,26 +76,39 @@ class RunSummary:
         }
 
 
+LOCK_NAME = ".rtteval.lock"
+#: How long a starting driver retries the lock: :func:`driver_alive` holds it for an instant.
+LOCK_WAIT_S = 1.0
+
+
 class DirLock:
     """An exclusive lock on an output directory: one driver per study at a time.
 
     ``flock`` is released by the kernel when the process dies, SIGKILL
-    included, so a killed driver never leaves a stale lock behind.
+    included, so a killed driver never leaves a stale lock behind, and
+    :func:`driver_alive` can tell a running study from a killed one.
     """
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / ".rtteval.lock"
+        self.path = out_dir / LOCK_NAME
         self.fd: int | None = None
 
     def __enter__(self) -> DirLock:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise UserError(
-                "another `rtteval run` is using this output directory", file=self.path.parent
-            ) from None
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(self.fd)
+                self.fd = None
+                raise UserError(
+                    "another `rtteval run` is using this output directory", file=self.path.parent
+                ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
@@ -105,6 +118,27 @@ class DirLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def driver_alive(out_dir: Path) -> bool:
+    """Whether a driver holds ``out_dir``'s lock, i.e. its ``running`` jobs are really running.
+
+    Probes with a shared lock taken and dropped at once (read-only: creates
+    nothing); a driver starting in that instant retries (``LOCK_WAIT_S``).
+    """
+    try:
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # never locked: no driver has run here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def make_executor(spec: ExecutorSpec) -> Executor:
@@ -303,24 +337,23 @@ class Driver:
             return
         self.write_report(plots=final and self.cfg.report.plots)
 
-    def write_report(self, *, plots: bool) -> dict[str, Any] | None:
-        """results.json (+ csv, report.md, plots) from the attacks done so far."""
-        from rtteval.report import write_report
-        from rtteval.runner.results import build_study_results
+    def write_report(self, *, plots: bool, final: bool = False) -> dict[str, Any] | None:
+        """results.json (+ csv, report.md, plots) from the attacks done so far.
 
-        results = build_study_results(
-            self.plan, self.store, self.out, n_boot=self.cfg.report.n_boot, study=self.cfg.name
-        )
+        The ``final`` report is written whatever happened: without a result
+        it is a report.md that says why (:func:`~rtteval.runner.results.write_study_report`);
+        while the study runs, a report is only written once there is a result.
+        """
+        from rtteval.runner.results import write_study_report
+
         self.last_report = time.monotonic()
         self.report_dirty = False
-        if results is None:
-            return None
-        paths = write_report(self.out, results, plots=plots)
-        info = {
-            "files": sorted(p.name for p in paths.values()),
-            "partial": bool(results.get("config", {}).get("run", {}).get("partial")),
-        }
-        self.summary.report = info
+        info = write_study_report(
+            self.plan, self.store, self.out, n_boot=self.cfg.report.n_boot, study=self.cfg.name,
+            plots=plots, keys=list(self.by_key), explain=final,
+        )  # fmt: skip
+        if info is not None:
+            self.summary.report = info
         return info
 
 
@@ -370,6 +403,5 @@ def run_study(
             drv = Driver(cfg, plan, store, ex, say=say, tracker=tracker)
             summary = drv.run()
             if not cfg.debug.fake_jobs:
-                drv.report_dirty = True
-                drv.write_report(plots=cfg.report.plots)
+                drv.write_report(plots=cfg.report.plots, final=True)
             return summary

@@ -23,6 +23,7 @@ from rtteval.errors import UserError
 from rtteval.runner.jobs import decode_artifacts
 from rtteval.runner.plan import AttackGroup, Plan
 from rtteval.runner.store import DB_NAME, Store
+from rtteval.store import write_text_atomic
 
 
 def _load_attack(out_dir: Path, artifacts: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -47,14 +48,34 @@ def _merge(parts: list[dict[str, Any]]) -> Any:
     return ModelAttack.from_dict(d)
 
 
+def _diverged_points(keys: list[str], unlearn_rows: dict[str, Any]) -> list[dict[str, Any]]:
+    """A method's diverged unlearning grid points: their parameters and what happened."""
+    out = []
+    for k in keys:
+        r = unlearn_rows.get(k)
+        if r is not None and r.status == "diverged":
+            m = r.metrics or {}
+            out.append({"params": m.get("point"), "message": m.get("message"), "job": r.name})
+    return out
+
+
 def build_study_results(
     plan: Plan, store: Store, out_dir: Path, *, n_boot: int = 1000, study: str = "study"
 ) -> dict[str, Any] | None:
     """results.json's dict for every dataset with enough done attacks, or None if none has."""
+    return _study_results(plan, store, out_dir, n_boot=n_boot, study=study)[0]
+
+
+def _study_results(
+    plan: Plan, store: Store, out_dir: Path, *, n_boot: int, study: str
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """:func:`build_study_results`, and what every dataset (reported or not) is missing."""
     from rtteval.report import build_results, merge_results
 
+    per_dataset_missing: list[list[str]] = []
     rows = {r.key: r for r in store.rows(stage="attack")}
     select_rows = {r.key: r for r in store.rows(stage="select")}
+    unlearn_rows = {r.key: r for r in store.rows(stage="unlearn")}
     per_dataset: dict[str, list[Any]] = defaultdict(list)
     for g in plan.groups:
         per_dataset[g.dataset].append(g)
@@ -62,6 +83,7 @@ def build_study_results(
     results = []
     for dataset, groups in per_dataset.items():
         missing: list[str] = []
+        per_dataset_missing.append(missing)  # filled below, whether or not the dataset reports
         done: dict[int, dict[str, dict[str, Any]]] = {}  # group idx -> fold -> attack dict
         for gi, g in enumerate(groups):
             done[gi] = {}
@@ -73,6 +95,8 @@ def build_study_results(
                         done[gi][fold] = a
         originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
         if not originals:
+            missing.append(f"{dataset}: the original model is not attacked (attack.controls: "
+                           "false), and recovery is measured against it")  # fmt: skip
             continue
         fold_order = groups[originals[0]].folds
         # seeds run one after another: report the seeds whose original is complete
@@ -113,11 +137,16 @@ def build_study_results(
             if srow is not None and srow.metrics is not None:
                 selections[g.label].append(
                     {"seed": g.seed, "status": srow.status, "selected": srow.metrics.get("selected"),
-                     "point": srow.metrics.get("point"), "note": srow.metrics.get("note")}
+                     "point": srow.metrics.get("point"), "note": srow.metrics.get("note"),
+                     "diverged": _diverged_points(srow.deps, unlearn_rows)}
                 )  # fmt: skip
             if srow is not None and srow.status == "skipped":
                 incomplete.add(g.label)
-                missing.append(f"{dataset}: {g.label} seed {g.seed}: no grid point selected")
+                n_div = len(_diverged_points(srow.deps, unlearn_rows))
+                missing.append(
+                    f"{dataset}: {g.label} seed {g.seed}: no grid point selected "
+                    f"({n_div} of {sum(k in unlearn_rows for k in srow.deps)} diverged)"
+                )
             elif covered(gi):
                 methods[g.label].append(model(gi))
             else:
@@ -147,9 +176,14 @@ def build_study_results(
                 info={"base_dataset": groups[0].base_dataset, "regime": groups[0].regime},
             )
         )
+    all_missing = [m for ms in per_dataset_missing for m in ms]
     if not results:
-        return None
-    return results[0] if len(results) == 1 else merge_results(*results)
+        return None, all_missing
+    out = results[0] if len(results) == 1 else merge_results(*results)
+    # a dataset with no result at all is missing from the study, whichever dataset is first
+    out["config"]["run"] = {**out["config"]["run"], "partial": bool(all_missing),
+                            "missing": all_missing}  # fmt: skip
+    return out, all_missing
 
 
 def groups_meta(plan: Plan) -> list[dict[str, Any]]:
@@ -157,31 +191,158 @@ def groups_meta(plan: Plan) -> list[dict[str, Any]]:
     return [asdict(g) for g in plan.groups]
 
 
+def write_study_report(
+    plan: Plan,
+    store: Store,
+    out_dir: Path,
+    *,
+    n_boot: int,
+    study: str,
+    plots: bool,
+    keys: list[str] | None = None,
+    explain: bool = True,
+) -> dict[str, Any] | None:
+    """The study's report from its store: results.json & co., or a report.md saying why not.
+
+    A finished study always gets a report.  When no dataset has a result
+    (every method diverged or was skipped, the original is not attacked,
+    or nothing finished yet), report.md says so and lists each job that
+    ended without a result and what happened to it, plus the attacks that
+    did finish; ``result`` is then False and no results.json is written.
+    ``explain=False`` (the driver's reports while a study runs) writes
+    nothing and returns None then.
+    """
+    from rtteval.report import write_report
+
+    results, missing = _study_results(plan, store, out_dir, n_boot=n_boot, study=study)
+    if results is not None:
+        paths = write_report(out_dir, results, plots=plots)
+        run = results["config"].get("run", {})
+        return {
+            "files": sorted(p.name for p in paths.values()),
+            "result": True,
+            "partial": bool(run.get("partial")),
+            "missing": run.get("missing", []),
+        }
+    if not explain:
+        return None
+    outcome = study_outcome(store, keys)
+    write_text_atomic(out_dir / "report.md", render_outcome(study, outcome, missing, out_dir))
+    return {
+        "files": ["report.md"],
+        "result": False,
+        "partial": True,
+        "missing": missing,
+        "why": outcome["why"],
+    }
+
+
+def study_outcome(store: Store, keys: list[str] | None = None) -> dict[str, Any]:
+    """What happened to a study's jobs, from the store alone (for a report without a result).
+
+    ``jobs``: every job of the plan that did not end ``done``, with what
+    happened to it (a divergence's message and step, a failure's error, a
+    skip's reason); ``attacks``: the finished attacks' V accuracy before and
+    best after RTT; ``why``: one line of counts, e.g. ``unlearn: 2 diverged;
+    select: 1 skipped``.
+    """
+    wanted = set(keys) if keys is not None else None
+    rows = [r for r in store.rows() if wanted is None or r.key in wanted]
+    jobs, attacks = [], []
+    by_stage: dict[str, dict[str, int]] = {}
+    for r in rows:
+        if r.status == "done":
+            if r.stage == "attack":
+                m = r.metrics or {}
+                attacks.append(
+                    {"job": r.name, "v_acc_before": m.get("v_acc_before"),
+                     "v_acc_best": m.get("v_acc_best")}
+                )  # fmt: skip
+            continue
+        st = by_stage.setdefault(r.stage, {})
+        st[r.status] = st.get(r.status, 0) + 1
+        jobs.append({"job": r.name, "stage": r.stage, "status": r.status, "what": _what(r)})
+    order = ["world", "finetune", "pretrain", "unlearn", "select", "attack"]
+    jobs.sort(key=lambda j: ((order + [j["stage"]]).index(j["stage"]), j["job"]))
+    why = "; ".join(
+        f"{stage}: " + ", ".join(f"{n} {status}" for status, n in sorted(c.items()))
+        for stage, c in sorted(by_stage.items(), key=lambda x: (order + [x[0]]).index(x[0]))
+    )
+    return {"jobs": jobs, "attacks": attacks, "why": why or "every job is done"}
+
+
+def _what(r: Any) -> str:
+    """What happened to a job that did not end ``done``, in a few words."""
+    m = r.metrics or {}
+    if r.status == "failed":
+        return f"{r.error} (attempts {r.attempts})"
+    if r.status == "diverged":
+        msg = str(m.get("message") or "diverged")
+        return f"{msg} at step {m['steps']}" if m.get("steps") is not None else msg
+    if r.status == "skipped":
+        return str(m.get("note") or "skipped")
+    return r.status  # pending / running: not reached
+
+
+def render_outcome(study: str, outcome: dict[str, Any], missing: list[str], out: Path) -> str:
+    """report.md of a study without a result: why, and what each job that has none went through."""
+
+    def cell(x: Any) -> str:
+        return "-" if x is None else str(x).replace("|", "\\|").replace("\n", " ")
+
+    def num(x: Any) -> str:
+        return "-" if x is None else f"{float(x):.3f}"
+
+    lines = [
+        "# RTT report: no result",
+        "",
+        f"Study {study!r} has no result: no unlearned model has finished RTT on the folds the "
+        f"original model finished, so there is no recovery to report ({outcome['why']}).",
+        "",
+        "## Why",
+        "",
+        *[f"- {m}" for m in missing],
+        "",
+        "## Jobs without a result",
+        "",
+        "| job | status | what happened |",
+        "| --- | --- | --- |",
+        *[f"| {cell(j['job'])} | {j['status']} | {cell(j['what'])} |" for j in outcome["jobs"]],
+        "",
+        "## Attacks that finished",
+        "",
+    ]
+    if outcome["attacks"]:
+        lines += ["| job | V acc before RTT | best V acc after RTT |", "| --- | --- | --- |"]
+        lines += [
+            f"| {cell(a['job'])} | {num(a['v_acc_before'])} | {num(a['v_acc_best'])} |"
+            for a in outcome["attacks"]
+        ]
+    else:
+        lines.append("None.")
+    if (out / "results.json").exists():
+        lines += ["", "The results.json in this directory is from an earlier run, not this one."]
+    return "\n".join(lines) + "\n"
+
+
 def report_from_store(
     out_dir: str | Path, *, plots: bool = True, n_boot: int = 1000
 ) -> dict[str, Any]:
-    """Write results.json and the report from a study's store, finished or not.
+    """Write the study's report from its store, finished or not (see :func:`write_study_report`).
 
     Needs only the output directory (the driver records its attack groups in
     the store), so it works on a study that was killed, or that is still
     running in another process: the store is opened read-only.
     """
-    from rtteval.report import write_report
-
     out = Path(out_dir)
     if not (out / DB_NAME).is_file():
         raise UserError(f"no {DB_NAME} here (not a study output directory?)", file=out)
     with Store(out / DB_NAME, readonly=True) as store:
         meta = store.get_meta("plan") or {}
         groups = [AttackGroup(**g) for g in meta.get("groups", [])]
-        results = build_study_results(
-            Plan([], groups), store, out, n_boot=n_boot, study=meta.get("study", "study")
-        )
-    if results is None:
-        raise UserError("no model has finished attacks on every fold of the original yet", file=out)
-    paths = write_report(out, results, plots=plots)
-    return {
-        "files": sorted(p.name for p in paths.values()),
-        "partial": bool(results["config"].get("run", {}).get("partial")),
-        "missing": results["config"].get("run", {}).get("missing", []),
-    }
+        info = write_study_report(
+            Plan([], groups), store, out, n_boot=n_boot, study=meta.get("study", "study"),
+            plots=plots, keys=meta.get("keys"),
+        )  # fmt: skip
+    assert info is not None  # explain=True always writes a report
+    return info
