@@ -284,7 +284,7 @@ def test_item13_missing_model_decided_quickly_without_network(tiny_world):
     import subprocess
     import sys
 
-    from rtteval.models.loading import hub_reachable
+    from rtteval.data.hub import hub_reachable
 
     if hub_reachable():
         pytest.skip("the Hugging Face Hub is reachable from here")

@@ -8,15 +8,10 @@ user asks, since a hub repo's Python would otherwise run on their machine.
 
 from __future__ import annotations
 
-import functools
-import os
 import re
 import shutil
-import socket
 import tempfile
-import threading
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -26,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rtteval.data.hub import hub_host, hub_reachable
 from rtteval.errors import UserError
 
 _DTYPES = {
@@ -90,44 +86,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-#: Seconds to wait for the Hugging Face Hub to accept a connection before
-#: working offline (only the local cache), instead of minutes of retries.
-HUB_PROBE_TIMEOUT = 3.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _hub_host() -> tuple[str, int]:
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-
-
-@functools.cache
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
-    """Whether the Hub's host accepts a TCP connection within ``timeout`` seconds.
-
-    ``HF_HUB_OFFLINE=1`` counts as unreachable.  Behind an HTTPS proxy a
-    direct connection proves nothing, so the hub client decides.  The probe
-    runs in a thread because name resolution has no timeout of its own.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    host, port = _hub_host()
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
 
 
 def _source(name_or_path: str | Path) -> tuple[str, bool]:
@@ -156,7 +116,7 @@ def _source(name_or_path: str | Path) -> tuple[str, bool]:
 
 
 def _offline_error(ref: str) -> UserError:
-    host, _port = _hub_host()
+    host, _port = hub_host()
     return UserError(
         f"no such local model directory, and as a hub id it is not in the local cache while "
         f"the Hugging Face Hub ({host}) is unreachable (a mistyped local path?)",
