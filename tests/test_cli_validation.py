@@ -308,6 +308,12 @@ def test_item14_messages(tmp_path, cli, pretrained_tiny):
     assert "study.yaml:8" in msg and "attack.folds" in msg and "split_9" in msg
     msg = _one_line(cli("run", _study(tmp_path, ""), "attack.lrs=[.inf]", "--dry-run"))
     assert "attack.lrs=[.inf]" in msg
+    world = pretrained_tiny["world"]
+    attack = ["attack", "--model", "m", "--original", "o", "--data", world, "--out", tmp_path / "a"]
+    for opt, value in (("--lrs", "inf"), ("--folds", "split_9"), ("--optimizer", "sgd")):
+        msg = _one_line(cli(*attack, opt, value))
+        assert opt in msg and value in msg
+    assert not (tmp_path / "a").exists()
     # a model directory without its tokenizer
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -128,7 +128,12 @@ def attack_cmd(
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:  # name the option, not RTTConfig's field
+        if e.field and e.file is None:
+            raise ConfigError(e.message, file="--" + e.field.replace("_", "-")) from None
+        raise
     unknown = [f for f in cfg.folds or [] if f not in ds.splits]
     if unknown:
         raise ConfigError(
