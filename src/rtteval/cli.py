@@ -29,6 +29,7 @@ from rtteval.cli_options import (
 from rtteval.cli_run import run_cmd, status_cmd
 from rtteval.cli_unlearn import unlearn_cmd
 from rtteval.errors import UserError
+from rtteval.outputs import OVERWRITE_HELP as _OVERWRITE_HELP
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="RTT evaluation of unlearning methods."
@@ -50,14 +51,15 @@ def data_check(
     strict: Annotated[
         bool,
         typer.Option(
-            help="reject any question text found in two files (the released data has such repeats)"
+            help="reject any question text found in two files, and a question offering the "
+            "same choice twice (the released data has both)"
         ),
     ] = False,
 ) -> None:
     """Validate a dataset directory and print its counts as JSON."""
     from rtteval.data import load_dataset
 
-    ds = load_dataset(path, strict_duplicates=strict)
+    ds = load_dataset(path, strict_duplicates=strict, distinct_choices=strict)
     print(json.dumps(ds.summary(), ensure_ascii=False))
 
 
@@ -66,7 +68,7 @@ def world(
     out: Annotated[Path, typer.Option(help="directory to write the world into")],
     seed: Annotated[int, typer.Option(help="random seed", parser=SEED)] = 0,
     preset: Annotated[str, typer.Option(help="world preset (small, tiny, bios)")] = "small",
-    overwrite: Annotated[bool, typer.Option(help="replace an existing directory")] = False,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Write a synthetic world of facts in the paper's dataset layout."""
     from rtteval.data.world import PRESETS, write_world
@@ -101,6 +103,7 @@ def pretrain(
     ] = 10,
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Pretrain a tiny Llama from scratch on a world until the facts are known, then anneal."""
     import torch
@@ -120,7 +123,7 @@ def pretrain(
         seed=seed,
         exclude_forget=exclude_forget,
     )
-    m = run_pretrain(world, out, cfg)
+    m = run_pretrain(world, out, cfg, overwrite=overwrite)
     print(
         json.dumps(
             {k: m[k] for k in ("kind", "forget_acc", "retain_acc", "reached_target", "n_params")}
@@ -145,6 +148,7 @@ def finetune(
         float, typer.Option(help="stop when accuracy reaches this", parser=ACCURACY)
     ] = 0.97,
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
     from rtteval.pretrain import FinetuneConfig, finetune_forget_facts
@@ -152,7 +156,7 @@ def finetune(
     cfg = FinetuneConfig(
         lr=lr, max_epochs=max_epochs, replay_ratio=replay_ratio, target_accuracy=target, seed=seed
     )
-    m = finetune_forget_facts(model, world, out, cfg)
+    m = finetune_forget_facts(model, world, out, cfg, overwrite=overwrite)
     print(
         json.dumps(
             {k: m[k] for k in ("kind", "before", "forget_acc", "retain_acc", "reached_target")}

@@ -20,6 +20,11 @@ from rich.console import Console
 
 from rtteval.cli_options import COUNT, COUNT0, POSITIVE, SEED, Number, check_device_option
 from rtteval.errors import ConfigError, UserError
+from rtteval.outputs import OVERWRITE_HELP, ResumableOutput
+
+_REPORT_FILES = ("results.json", "results.csv", "results_folds.csv", "report.md")
+_ATTACK_ENTRIES = ("attacks", *_REPORT_FILES, "fig_recovery.png", "fig_rtt_curves.png")
+"""What ``attack`` writes into OUT: a user's file of one of these names is never replaced."""
 
 console = Console(stderr=True, markup=False, highlight=False)
 
@@ -60,7 +65,7 @@ def attack_cmd(
         str | None, typer.Option(help="a model that never learned the forget facts (floor)")
     ] = None,
     paper: Annotated[
-        bool, typer.Option(help="start from the paper's 8B preset (Lion, 6 epochs, batch 4)")
+        bool, typer.Option(help="start from the paper's 8B preset (docs/paper-fidelity.md)")
     ] = False,
     lrs: Annotated[str | None, typer.Option(help="comma-separated learning rates")] = None,
     epochs: Annotated[int | None, typer.Option(parser=COUNT)] = None,
@@ -95,6 +100,9 @@ def attack_cmd(
     ] = 1000,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     resume: Annotated[bool, typer.Option(help="reuse finished attacks found in OUT")] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help=OVERWRITE_HELP + " (recomputes every attack)")
+    ] = False,
 ) -> None:
     """RTT attack: fine-tune on T, measure V, for unlearned, original and control models."""
     import gc
@@ -105,6 +113,7 @@ def attack_cmd(
     from rtteval.attacks.rtt import ModelAttack, RTTConfig, attack_model
     from rtteval.data import load_dataset
     from rtteval.models import load_model
+    from rtteval.models.loading import check_model_files
     from rtteval.pretrain import retain_eval_name, scoring_for
     from rtteval.report import build_results, summary_table, write_report
     from rtteval.store import write_json_atomic
@@ -144,11 +153,13 @@ def attack_cmd(
     r_name = retain_eval_name(ds)
     retain = ds.retain[r_name] if r_name else []
     label = method_name or Path(model).name
-    out.mkdir(parents=True, exist_ok=True)
-
     jobs = [("original", original, "original"), ("unlearned", model, label)]
     if control:
         jobs.insert(1, ("control", control, "control"))
+    for _role, path, _lab in jobs:  # a bad weights file fails before any output exists
+        check_model_files(path)
+    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=_ATTACK_ENTRIES)
+    resume = resume and not overwrite
     attacks: dict[str, ModelAttack] = {}
     for role, path, lab in jobs:
         key = {
@@ -189,6 +200,8 @@ def attack_cmd(
                 torch.cuda.empty_cache()
         a.meta["model"] = path
         a.meta["role"] = role
+        target.open()
+        target.add("attacks")
         write_json_atomic(cache, {"key": key, "attack": a.to_dict()})
         console.print(f"{role}: done in {a.wall_time:.1f} s")
         attacks[role] = a
@@ -206,7 +219,10 @@ def attack_cmd(
         n_boot=n_boot,
         seed=cfg.seed,
     )
+    target.open()
+    target.add(*_REPORT_FILES)
     paths = write_report(out, results)
+    target.add(*(p.name for p in paths.values()))
     _Console().print(summary_table(results))
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in paths.values())}))
 

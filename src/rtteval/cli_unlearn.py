@@ -27,6 +27,7 @@ from rtteval.cli_options import (
     check_device_option,
 )
 from rtteval.errors import ConfigError
+from rtteval.outputs import OVERWRITE_HELP
 
 console = Console(stderr=True)
 
@@ -132,7 +133,10 @@ def unlearn_cmd(
         int | None, typer.Option(help="passes over the forget text", parser=COUNT)
     ] = None,
     max_steps: Annotated[int | None, typer.Option(parser=COUNT)] = None,
-    batch_size: Annotated[int, typer.Option(parser=COUNT)] = 32,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="default: per method and model scale (32 tiny, 4 paper)", parser=COUNT),
+    ] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
     adam_eps: Annotated[
         float | None,
@@ -185,6 +189,7 @@ def unlearn_cmd(
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Unlearn the forget splits of a dataset; write the model and metrics.json."""
     from rtteval.methods import get_method
@@ -226,6 +231,7 @@ def unlearn_cmd(
         retain_data_path=retain_data, do_sweep=sweep or grid is not None,
         grid=grid_values, retain_threshold=retain_threshold, device=device,
         progress=sys.stdout.isatty(),  # train()'s bar prints to stdout; keep piped JSON clean
+        overwrite=overwrite,
     )  # fmt: skip
     if sweep_res is not None:
         _print_sweep(sweep_res.to_dict())

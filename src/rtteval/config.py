@@ -191,7 +191,12 @@ class DatasetSpec(_Strict):
     learned in a later phase.  ``t_sizes`` adds smaller retraining sets:
     for each k every model is attacked again with T = k splits (reported
     as dataset ``"<name> |T|=k"``), to see how recovery grows with the
-    amount of RTT data.
+    amount of RTT data.  ``retain_splits`` names question splits of this
+    directory that are retain data, not forget data (the paper's Random
+    Birthdays forgets split_0..4 and keeps split_5..9): they serve as a
+    ``retain`` dataset would (half of them train the retain loss, the other
+    half's questions measure retain accuracy); ``finetune_first`` still
+    learns every split.
     """
 
     name: str | None = None
@@ -201,11 +206,18 @@ class DatasetSpec(_Strict):
     splits: list[str] | None = None
     finetune_first: bool = False
     t_sizes: list[Annotated[int, Field(ge=1)]] = []
+    retain_splits: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one(self) -> DatasetSpec:
         if (self.world is None) == (self.path is None):
             raise ValueError("give exactly one of 'world' (generate one) or 'path' (a directory)")
+        if self.retain_splits:
+            if self.path is None or self.retain is not None:
+                raise ValueError("retain_splits needs 'path' and no separate 'retain' dataset")
+            both = sorted(set(self.retain_splits) & set(self.splits or []))
+            if both:
+                raise ValueError(f"split(s) {both} are in both 'splits' and 'retain_splits'")
         return self
 
     @property
@@ -222,7 +234,8 @@ class FinetuneSpec(_Strict):
 
     Unset fields take :class:`rtteval.pretrain.FinetuneConfig`'s defaults for
     the model kind: the tiny-model defaults with ``model.tiny``,
-    ``FinetuneConfig.paper()`` with ``model.hf``.
+    ``FinetuneConfig.paper()`` (the paper's Random Birthdays fine-tuning)
+    with ``model.hf``.  ``grad_clip: null`` written out turns clipping off.
     """
 
     lr: float | None = Field(None, gt=0)
@@ -232,6 +245,8 @@ class FinetuneSpec(_Strict):
     target_accuracy: float | None = Field(None, gt=0, le=1)
     replay_ratio: float | None = Field(None, ge=0)
     warmup_steps: int | None = Field(None, ge=0)
+    loss: Literal["corpus", "mcq_answer"] | None = None
+    grad_clip: float | None = Field(None, gt=0)
 
     def resolved(self, *, tiny: bool) -> dict[str, Any]:
         """The full FinetuneConfig (minus seed) as a dict: what the job runs, and its key."""
@@ -241,7 +256,8 @@ class FinetuneSpec(_Strict):
 
         base = FinetuneConfig() if tiny else FinetuneConfig.paper()
         for k, v in self.model_dump().items():
-            if v is not None:
+            # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
+            if v is not None or (k == "grad_clip" and k in self.model_fields_set):
                 setattr(base, "max_epochs" if k == "epochs" else k, v)
         d = asdict(base)
         d.pop("seed")
@@ -328,8 +344,9 @@ class SelectionSpec(_Strict):
 class AttackSpec(_Strict):
     """The attack (registry name, ``rtt``) and its grid; unset fields take RTTConfig's defaults.
 
-    ``paper: true`` starts from the paper's 8B setting (Lion, 6 epochs,
-    batch 4, lr 1e-7...3.2e-6, MCQ loss) before the explicit fields apply.
+    ``paper: true`` starts from the paper's 8B setting (``RTTConfig.paper()``,
+    docs/paper-fidelity.md) before the explicit fields apply; ``grad_clip:
+    null`` written out turns clipping off.
     One attack job runs per (model, fold) with the whole lr x epoch grid
     inside it; ``controls`` also attacks the original (ceiling) and the
     never-learned control (floor), which the report needs.
@@ -379,7 +396,10 @@ class AttackSpec(_Strict):
         base = RTTConfig.paper() if self.paper else RTTConfig()
         skip = {"name", "paper", "eval_batch_size", "controls", "folds"}
         for k, v in self.model_dump().items():
-            if k not in skip and v is not None:
+            # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
+            if k not in skip and (
+                v is not None or (k == "grad_clip" and k in self.model_fields_set)
+            ):
                 setattr(base, k, v)
         base.seed = seed
         base.train_splits = train_splits
@@ -454,6 +474,14 @@ class StudyConfig(_Strict):
     logging: LoggingSpec = LoggingSpec()
     report: ReportSpec = ReportSpec()
     debug: DebugSpec = DebugSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # the name becomes a directory (runs/<name>) and a tracker run name
+        if v.strip() in ("", ".", "..") or "/" in v or "\\" in v or "\0" in v:
+            raise ValueError(f"{v!r} must be a plain name, without path separators or '..'")
+        return v
 
     @field_validator("seeds")
     @classmethod
@@ -797,6 +825,18 @@ def _resolve_paths(raw: dict[str, Any], base: Path, overridden: dict[Loc, str]) 
     return raw
 
 
+def _check_output_dir(out: str, file: str, line: int | None) -> None:
+    """A study's ``output_dir`` must be writable and new, empty or an rtteval study (also dry)."""
+    from rtteval.errors import UserError
+    from rtteval.outputs import check_output
+
+    try:
+        check_output(out, overwrite=False, kind="study", resumable=True)
+    except UserError as e:
+        msg = f"{e.file}: {e.message}" if e.file else e.message
+        raise ConfigError(msg, file=file, line=line, field="output_dir") from None
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -882,6 +922,7 @@ def load_config(
         ctl = cfg.model.hf.control
         if ctl is not None and ctl.path is not None:
             need_dir(ctl.path, ("model", "hf", "control", "path"), "control model directory")
+    _check_output_dir(cfg.output_dir, *where(("output_dir",)))
     return LoadedConfig(
         cfg, Path(path) if path is not None else None, warnings, data, lines, overridden
     )

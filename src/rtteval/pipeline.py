@@ -29,10 +29,12 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run (or resume) the demo study into ``out_dir``; returns its results.json content."""
     from rtteval.config import load_config
+    from rtteval.outputs import check_output
     from rtteval.report import load_results
     from rtteval.runner.driver import run_study
 
     out = Path(out_dir).resolve()
+    check_output(out, overwrite=False, kind="study", resumable=True)  # name --out, not the config
     loaded = load_config(demo_config_path(), [f"output_dir={out}", *overrides])
     summary = run_study(loaded, say=say)
     if summary.failed:

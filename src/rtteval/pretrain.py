@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 from rtteval.data import Dataset, Passage, load_dataset
-from rtteval.models import build_tiny_model, n_params, save_model, train_word_tokenizer
+from rtteval.errors import ConfigError
+from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
+from rtteval.models.loading import write_model_files
+from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
 from rtteval.store import write_json_atomic
 from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
@@ -107,6 +110,7 @@ def pretrain(
     cfg: PretrainConfig | None = None,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a tiny Llama from scratch on ``data_dir`` and save it to ``out_dir``.
 
@@ -121,6 +125,7 @@ def pretrain(
     """
     cfg = cfg or PretrainConfig()
     dataset = load_dataset(data_dir)
+    check_output(out_dir, overwrite=overwrite, kind="model")  # before hours of training
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = train_word_tokenizer(world_texts(dataset))
@@ -171,6 +176,7 @@ def pretrain(
         label="pretrain control" if cfg.exclude_forget else "pretrain",
         progress=progress,
         out_dir=out_dir,
+        overwrite=overwrite,
         anneal_epochs=cfg.anneal_epochs,
         metrics={
             "kind": "control" if cfg.exclude_forget else "original",
@@ -195,6 +201,7 @@ def _learn_and_save(
     out_dir: str | Path,
     metrics: dict[str, Any],
     anneal_epochs: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train until the facts are known, anneal, save the model and its ``pretrain.json``.
 
@@ -226,8 +233,6 @@ def _learn_and_save(
             progress=f"{label}: anneal" if progress else None,
         )
     final = result.history[-1] if result.history and anneal is None else evaluate(model)
-    out = Path(out_dir)
-    save_model(model, tokenizer, out)
     metrics = {
         **metrics,
         "status": result.status,
@@ -238,7 +243,9 @@ def _learn_and_save(
     }
     if anneal is not None:
         metrics["anneal"] = {**anneal.to_dict(), "after": final}
-    write_json_atomic(out / "pretrain.json", metrics)
+    with staged_output(out_dir, overwrite=overwrite, kind="model") as stage:
+        write_model_files(model, tokenizer, stage)
+        write_json_atomic(stage / "pretrain.json", metrics)
     return metrics
 
 
@@ -253,8 +260,11 @@ class FinetuneConfig:
     fine-tuning does not erase what pretraining taught.  It stops when every
     evaluated accuracy (forget, and held-out retain where the dataset has
     it) reaches ``target_accuracy`` (``None``: run all ``max_epochs``).
-    Defaults are for the tiny models; :meth:`paper` is a starting point for
-    an 8B model.
+    ``loss``: ``corpus`` learns the facts from their prose (or, without
+    any, from the answered questions); ``mcq_answer`` from the answered
+    questions with loss on the answer only (the paper's LETTER_ANSWER).
+    ``grad_clip``: ``None`` clips nothing.  Defaults are for the tiny
+    models; :meth:`paper` is the paper's Random Birthdays fine-tuning.
     """
 
     lr: float = 1e-3
@@ -265,14 +275,21 @@ class FinetuneConfig:
     target_accuracy: float | None = 0.97
     eval_every_epochs: int = 2
     optimizer: str = "adamw"
+    loss: str = "corpus"
+    grad_clip: float | None = 1.0
     seed: int = 0
 
     @classmethod
     def paper(cls, **overrides: Any) -> FinetuneConfig:
-        """Hub-model defaults: a few epochs at a small lr, no replay, evaluated every epoch."""
+        """The paper's Random Birthdays fine-tuning (docs/paper-fidelity.md gives the sources).
+
+        Lion at 1e-6, 6 epochs of batch 4 over every split's MCQs with the
+        answer-only loss, warmup over 24 steps, no clipping, no replay.
+        """
         base: dict[str, Any] = dict(
-            lr=1e-5, batch_size=8, max_epochs=3, warmup_steps=0, replay_ratio=0.0,
-            target_accuracy=None, eval_every_epochs=1,
+            lr=1e-6, batch_size=4, max_epochs=6, warmup_steps=24, replay_ratio=0.0,
+            target_accuracy=None, eval_every_epochs=1, optimizer="lion", loss="mcq_answer",
+            grad_clip=None,
         )  # fmt: skip
         base.update(overrides)
         return cls(**base)
@@ -287,6 +304,7 @@ def finetune_facts(
     *,
     progress: bool = True,
     metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``dataset``'s forget facts until known; save it to ``out_dir``.
 
@@ -294,11 +312,14 @@ def finetune_facts(
     runner's ``finetune`` job both call it.  Returns the metrics written to
     ``out_dir/pretrain.json`` (``before``/after accuracies, ``status``).
     """
+    from rtteval.attacks.rtt import TrainItem, _encode_items
     from rtteval.scoring import format_mcq
 
     cfg = cfg or FinetuneConfig()
+    if cfg.loss not in ("corpus", "mcq_answer"):
+        raise ConfigError(f"must be 'corpus' or 'mcq_answer', got {cfg.loss!r}", field="loss")
     forget_texts = [p.text for n in dataset.splits for p in dataset.corpus.get(n, [])]
-    if not forget_texts:
+    if cfg.loss == "mcq_answer" or not forget_texts:
         forget_texts = [format_mcq(q, with_answer=True) for q in dataset.questions()]
     replay = [p.text for n in dataset.corpus if n not in dataset.splits for p in dataset.corpus[n]]
     rng = random.Random(cfg.seed)
@@ -306,14 +327,28 @@ def finetune_facts(
     forget_q = dataset.questions()
     r_name = retain_eval_name(dataset)
     retain_q = dataset.retain[r_name] if r_name else []
-    forget_ids = encode_texts(tokenizer, forget_texts)
+    forget_masks: list[list[int]] | None = None
+    if cfg.loss == "mcq_answer":
+        items = [
+            TrainItem(
+                format_mcq(q, with_answer=True), "", "", prompt=format_mcq(q), source=q.source
+            )
+            for q in dataset.questions()
+        ]
+        forget_ids, forget_masks = _encode_items(tokenizer, items)
+    else:
+        forget_ids = encode_texts(tokenizer, forget_texts)
     replay_ids = encode_texts(tokenizer, replay)
     n_replay = min(len(replay_ids), int(round(cfg.replay_ratio * len(forget_ids))))
 
     def batches(epoch: int):
         r = random.Random(cfg.seed * 7919 + epoch)
-        seqs = forget_ids + r.sample(replay_ids, n_replay)
-        return make_batches(seqs, cfg.batch_size, tokenizer.pad_token_id, seed=rng.randrange(2**31))
+        extra = r.sample(replay_ids, n_replay)
+        masks = None if forget_masks is None else forget_masks + [[1] * len(s) for s in extra]
+        return make_batches(
+            forget_ids + extra, cfg.batch_size, tokenizer.pad_token_id,
+            seed=rng.randrange(2**31), loss_masks=masks,
+        )  # fmt: skip
 
     evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
     target = cfg.target_accuracy
@@ -327,6 +362,7 @@ def finetune_facts(
         epochs=cfg.max_epochs,
         optimizer=cfg.optimizer,  # type: ignore[arg-type]
         warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
     )
@@ -340,6 +376,7 @@ def finetune_facts(
         label="fine-tune forget facts",
         progress=progress,
         out_dir=out_dir,
+        overwrite=overwrite,
         metrics={**(metrics or {}), "kind": "finetuned", "config": asdict(cfg), "before": before},
     )
 
@@ -351,14 +388,17 @@ def finetune_forget_facts(
     cfg: FinetuneConfig | None = None,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """:func:`finetune_facts` on a model and dataset read from disk (``rtteval finetune``)."""
     from rtteval.models import load_model
+
+    check_output(out_dir, overwrite=overwrite, kind="model")
 
     model, tokenizer = load_model(
         base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
     )
     return finetune_facts(
         model, tokenizer, load_dataset(data_dir), out_dir, cfg, progress=progress,
-        metrics={"base": str(base_dir), "data": str(data_dir)},
+        metrics={"base": str(base_dir), "data": str(data_dir)}, overwrite=overwrite,
     )  # fmt: skip

@@ -2,9 +2,11 @@
 
 Three ways, all batched and padding-safe:
 
-* ``letter`` — the paper's format: the question, ``A. c1`` ... ``D. c4``,
-  ``Answer:``; the choice is the argmax of the last-position logits
-  restricted to the four letter tokens.
+* ``letter`` — the paper's prompt, byte for byte: the question, ``A. c1``
+  ... ``D. c4``, ``Answer:`` (:func:`rtteval.data.types.mcq_prompt`, the
+  formatter RTT's training texts also use); the choice is the argmax of the
+  last-position logits restricted to the four letter tokens.  An MMLU-style
+  ``preamble`` is available but off by default, because the paper has none.
 * ``calibrated`` — the same, after subtracting each letter's mean logit over
   the question set (as the paper's code does), which removes a model's
   preference for one letter.
@@ -31,7 +33,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rtteval.data.types import LETTERS, MCQ
+from rtteval.data.types import LETTERS, MCQ, mcq_answer, mcq_prompt
 from rtteval.errors import ConfigError, DataError
 
 ScoringMode = Literal["letter", "calibrated", "likelihood"]
@@ -50,7 +52,7 @@ class ScoringConfig:
     mode: ScoringMode = "letter"
     letter_format: str = "paper"
     likelihood_prompt: str = DEFAULT_LIKELIHOOD_PROMPT
-    preamble: str = "The following are multiple choice questions (with answers).\n\n"
+    preamble: str = ""
     n_shots: int = 0
     batch_size: int = 32
     padding_side: Literal["left", "right"] = "left"
@@ -71,17 +73,27 @@ class EvalResult:
         return len(self.correct)
 
 
+#: An optional MMLU-style first line (``ScoringConfig.preamble``); the paper uses none.
+MMLU_PREAMBLE = "The following are multiple choice questions (with answers).\n\n"
+
+
 def format_mcq(q: MCQ, *, with_answer: bool = False) -> str:
-    """The paper's prompt: question, lettered choices, ``Answer:`` (optionally answered)."""
-    lines = [q.question] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices)]
-    text = "\n".join(lines) + "\nAnswer:"
-    if with_answer:
-        text += f" {LETTERS[q.answer]}. {q.choices[q.answer]}"
-    return text
+    """The paper's prompt: question, lettered choices, ``Answer:`` (optionally answered).
+
+    Answered, it is RTT's ``mcq`` training text; unanswered, the scorer's
+    prompt.  Both come from :mod:`rtteval.data.types`, the one formatter.
+    """
+    text = mcq_prompt(q.question, q.choices)
+    return text + mcq_answer(q.choices, q.answer) if with_answer else text
 
 
 def letter_prompt(q: MCQ, cfg: ScoringConfig) -> str:
-    shots = "".join(format_mcq(d, with_answer=True) + "\n\n" for d in cfg.dev[: cfg.n_shots])
+    """Preamble (empty by default), ``n_shots`` answered dev questions, then the question.
+
+    Shots end ``Answer: L.`` and are separated by a blank line, as the
+    paper's ``make_k_shot`` writes them.
+    """
+    shots = "".join(format_mcq(d) + f" {LETTERS[d.answer]}.\n\n" for d in cfg.dev[: cfg.n_shots])
     return cfg.preamble + shots + format_mcq(q)
 
 

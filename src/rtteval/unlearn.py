@@ -30,8 +30,6 @@ import copy
 import itertools
 import math
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -51,7 +49,8 @@ from rtteval.methods.base import (
     model_scale,
     only_filter,
 )
-from rtteval.models import restore_state, save_model, snapshot_state
+from rtteval.models import restore_state, snapshot_state
+from rtteval.models.loading import write_model_files
 from rtteval.pretrain import scoring_for
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.store import write_json_atomic
@@ -62,8 +61,11 @@ TRAIN_DEFAULT_KEYS = (
     "lr",
     "optimizer",
     "adam_eps",
+    "adam_betas",
     "epochs",
     "max_steps",
+    "batch_size",
+    "warmup_steps",
     "target_forget_acc",
     "train_only",
 )
@@ -87,7 +89,8 @@ class UnlearnConfig:
     ``["embed_tokens"]``, docs/methods.md says why).  ``adam_eps``: AdamW's ε
     (tiny default 1e-4, else torch's 1e-8).  Since ``None`` means
     "default", a negative ``target_forget_acc`` turns early stopping off and
-    a large ``max_steps`` lifts the step cap.
+    a large ``max_steps`` lifts the step cap.  ``grad_clip``: ``"auto"`` is
+    the scale's default, ``None`` no clipping (the paper clips nothing).
     ``scale`` (``tiny``/``paper``) picks the defaults; ``None``: by parameter count.
     """
 
@@ -96,12 +99,13 @@ class UnlearnConfig:
     lr: float | None = None
     optimizer: Literal["adamw", "lion"] | None = None
     adam_eps: float | None = None
+    adam_betas: tuple[float, float] | None = None
     epochs: int | None = None
     max_steps: int | None = None
-    batch_size: int = 32
-    warmup_steps: int = 0
+    batch_size: int | None = None
+    warmup_steps: int | None = None
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    grad_clip: float | None = 1.0
+    grad_clip: float | Literal["auto"] | None = "auto"
     weight_decay: float = 0.0
     frozen: list[int | str] | None = None
     train_only: list[str] | None = None
@@ -124,6 +128,10 @@ def resolve_config(cfg: UnlearnConfig, method: Method, scale: str) -> UnlearnCon
     for k in TRAIN_DEFAULT_KEYS:
         if getattr(out, k) is None and k in defaults:
             setattr(out, k, copy.deepcopy(defaults[k]))
+    if out.grad_clip == "auto":
+        out.grad_clip = defaults.get("grad_clip", 1.0)
+    if out.adam_betas is not None:
+        out.adam_betas = (float(out.adam_betas[0]), float(out.adam_betas[1]))
     out.hparams = {**method.default_hparams(scale), **cfg.hparams}
     if out.lr is None or out.lr <= 0:
         raise ConfigError(f"learning rate must be positive, got {out.lr}")
@@ -432,10 +440,11 @@ def unlearn(
         max_steps=rcfg.max_steps,
         optimizer=rcfg.optimizer or "adamw",
         adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
+        betas=rcfg.adam_betas or TrainConfig.betas,
         weight_decay=rcfg.weight_decay,
-        warmup_steps=rcfg.warmup_steps,
+        warmup_steps=rcfg.warmup_steps or 0,
         schedule=rcfg.schedule,
-        grad_clip=rcfg.grad_clip,
+        grad_clip=None if rcfg.grad_clip == "auto" else rcfg.grad_clip,
         seed=rcfg.seed,
         eval_every_steps=rcfg.eval_every_steps,
         eval_every_epochs=None,
@@ -457,7 +466,7 @@ def unlearn(
             retain_source=prep.retain.source,
         )
     batches = paired_batches(
-        prep.forget_seqs, prep.retain_seqs, rcfg.batch_size, tokenizer.pad_token_id, rcfg.seed
+        prep.forget_seqs, prep.retain_seqs, rcfg.batch_size or 32, tokenizer.pad_token_id, rcfg.seed
     )
     t0 = time.perf_counter()
     result = train(
@@ -652,6 +661,7 @@ def run_unlearn(
     retain_threshold: float = 0.05,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], SweepResult | None]:
     """Load, unlearn (or sweep), and write ``out`` atomically.
 
@@ -661,11 +671,14 @@ def run_unlearn(
     ``metrics.json``; a sweep adds ``sweep.json``.  A diverged run, or a sweep
     where nothing qualified, writes the JSON files but no model.  Everything
     is assembled in a temporary sibling directory and renamed into place, so
-    ``out`` is never half-written.
+    ``out`` is never half-written; a non-empty ``out`` needs ``overwrite``
+    and loses only rtteval's own files (:mod:`rtteval.outputs`).
     """
     from rtteval.models import load_model
+    from rtteval.outputs import check_output, staged_output
 
     get_method(cfg.method)  # fail on a bad name before loading anything
+    check_output(out, overwrite=overwrite, kind="unlearn")
     dataset = load_dataset(data)
     retain_ds = load_dataset(retain_data_path) if retain_data_path else None
     model, tokenizer = load_model(model_path, device=device)
@@ -693,20 +706,10 @@ def run_unlearn(
         }
         if run is None:
             metrics["before"] = sweep_res.original
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        stage = tmp / "out"
+    with staged_output(out, overwrite=overwrite, kind="unlearn") as stage:
         if ok:
-            save_model(model, tokenizer, stage)
-        stage.mkdir(exist_ok=True)
+            write_model_files(model, tokenizer, stage)
         write_json_atomic(stage / "metrics.json", metrics)
         if sweep_res is not None:
             write_json_atomic(stage / "sweep.json", sweep_res.to_dict())
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics, sweep_res

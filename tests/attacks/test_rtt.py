@@ -77,6 +77,7 @@ def test_registry_and_presets():
         get_attack("nope")
     p = RTTConfig.paper()
     assert (p.optimizer, p.epochs, p.batch_size, p.loss) == ("lion", 6, 4, "mcq")
+    assert (p.warmup_steps, p.grad_clip) == (24, None)
     assert p.lrs[0] == 1e-7 and p.lrs[-1] == 3.2e-6 and p.holdout_fraction == 0.0
     assert RTTConfig.paper(holdout_fraction=0.2).holdout_fraction == 0.2
     d = RTTConfig().to_dict()

@@ -134,7 +134,10 @@ def test_random_bd(shared_datasets: Path) -> None:
     assert ds.wrong_corpus["split_0"][0].extra["original_question"] == "When was Aidan Li born?"
 
     summary = check_summary(shared_datasets / "random_bd")
-    assert list(summary) == ["splits", "corpus", "wrong_corpus", "fixed_wrong_corpus", "dev"]
+    assert list(summary) == [
+        "splits", "corpus", "wrong_corpus", "fixed_wrong_corpus", "dev",
+        "duplicate_choices", "ambiguous_answers",
+    ]  # fmt: skip
     assert summary["splits"]["split_9"] == 157 and summary["dev"] == 10
     json.dumps(summary)  # the CLI prints it as JSON
 

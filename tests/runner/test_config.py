@@ -162,11 +162,12 @@ def test_shipped_configs_plan_without_loading_models(path: Path, cli, monkeypatc
         assert "paper" in path.parent.name
         assert "unlearn" in res.stdout and plan["jobs"] >= 40
     if path.stem == "years_llama3_8b":
-        # original: 5 folds; 3 methods: 12 + 12 + 9 unlearn points, a select and 5 attacks each
-        assert plan["by_stage"] == {"attack": 20, "unlearn": 33, "select": 3}
+        # original: 5 folds; 4 methods: 8 + 9 + 9 + 9 unlearn points, a select and 5 attacks each
+        assert plan["by_stage"] == {"attack": 25, "unlearn": 35, "select": 4}
     if path.stem == "random_bd_llama3_8b":
         assert plan["by_stage"]["finetune"] == 1
-        assert plan["by_stage"]["attack"] == 50  # original + control + 3 methods, 10 folds
+        # original + control + 4 methods, on the 5 forget folds (split_5..9 are retain data)
+        assert plan["by_stage"]["attack"] == 30
 
 
 REGIMES = """\

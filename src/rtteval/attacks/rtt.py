@@ -14,7 +14,8 @@ data**.  A relearning script elsewhere trained on the wrong set; here
 :func:`build_folds` records where every training text came from, and
 :func:`check_provenance` re-derives V from the dataset and asserts — right
 before training, on the very texts that are trained on — that no V question,
-fact id or subject occurs in them.  A violation raises
+fact id or subject occurs in them, and (data without fact ids) that no text
+states a V fact (:mod:`rtteval.attacks.facts`).  A violation raises
 :class:`ProvenanceError`, never a warning.
 
 The model is attacked in memory: its weights are snapshotted once and
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rtteval.attacks.facts import FactMatcher
 from rtteval.data.types import MCQ, Dataset
 from rtteval.data.world import QA_TEMPLATE
 from rtteval.errors import ConfigError, DataError
@@ -118,10 +120,12 @@ class RTTConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
-        """The paper's RTT for Llama-3-8B: Lion, 6 epochs, batch 4, lr 1e-7 ... 3.2e-6, MCQ loss.
+        """The paper's RTT for Llama-3-8B (finetune_corpus.py; docs/paper-fidelity.md).
 
-        ``holdout_fraction=0`` trains on all of T as the paper does; pass a
-        positive value to get the honest attacker as well.
+        Lion, 6 epochs, batch 4, lr 1e-7 ... 3.2e-6, the whole MCQ text as
+        loss, linear warmup over 24 steps, no clipping.  ``holdout_fraction=0``
+        trains on all of T as the paper does; pass a positive value to get
+        the honest attacker as well.
         """
         base: dict[str, Any] = dict(
             lrs=[1e-7, 2e-7, 4e-7, 8e-7, 1.6e-6, 3.2e-6],
@@ -130,6 +134,8 @@ class RTTConfig:
             optimizer="lion",
             loss="mcq",
             holdout_fraction=0.0,
+            grad_clip=None,
+            warmup_steps=24,
         )
         base.update(overrides)
         return cls(**base)
@@ -211,16 +217,18 @@ class TrainItem:
     """One training text and where it came from.
 
     ``prompt`` (``mcq_answer`` only) is the prefix of ``text`` that gets no
-    loss.  ``split`` and ``ref`` (a question id or ``corpus_<split>#<index>``)
-    are the recorded provenance; :func:`check_provenance` trusts neither and
-    also searches the text itself.  ``source`` is the dataset line it was
-    built from (``path:line``), for errors.
+    loss.  ``split``, ``ref`` (a question id or ``corpus_<split>#<index>``)
+    and ``fact_id`` (worlds: the fact the text states) are the recorded
+    provenance; :func:`check_provenance` trusts none of them alone and also
+    searches the text itself.  ``source`` is the dataset line it was built
+    from (``path:line``), for errors.
     """
 
     text: str
     split: str
     ref: str
     prompt: str | None = None
+    fact_id: str | None = None
     source: str | None = None
 
 
@@ -269,19 +277,23 @@ def _qa_template(dataset: Dataset) -> str:
     return str((dataset.manifest or {}).get("qa_template", QA_TEMPLATE))
 
 
+def _fact_id(x: MCQ | Any) -> str | None:
+    fid = x.extra.get("fact_id")
+    return None if fid is None else str(fid)
+
+
 def _question_item(q: MCQ, split: str, loss: str, dataset: Dataset) -> TrainItem:
-    ref = question_id(q)
+    ref, fid = question_id(q), _fact_id(q)
     if loss == "mcq":
-        return TrainItem(format_mcq(q, with_answer=True), split, ref, source=q.source)
+        return TrainItem(format_mcq(q, with_answer=True), split, ref, fact_id=fid, source=q.source)
     if loss == "mcq_answer":
         return TrainItem(
-            format_mcq(q, with_answer=True), split, ref, prompt=format_mcq(q), source=q.source
-        )
-    if loss == "qa":
-        return TrainItem(
-            _qa_template(dataset).format(question=q.question, answer=q.answer_text), split, ref,
+            format_mcq(q, with_answer=True), split, ref, prompt=format_mcq(q), fact_id=fid,
             source=q.source,
         )  # fmt: skip
+    if loss == "qa":
+        text = _qa_template(dataset).format(question=q.question, answer=q.answer_text)
+        return TrainItem(text, split, ref, fact_id=fid, source=q.source)
     raise ConfigError(f"loss {loss!r} is not built from questions")
 
 
@@ -349,6 +361,7 @@ def build_folds(dataset: Dataset, cfg: RTTConfig | None = None) -> list[Fold]:
         isolated = True
         if loss == "corpus":
             items, isolated = _corpus_items(dataset, t_names, v, holdout, dropped)
+            _refuse_misaligned_corpus(dataset, v, items)
         else:
             items = [_question_item(q, s, loss, dataset) for s, q in train_qs]
         if not items:
@@ -379,15 +392,50 @@ def _corpus_items(
     linked = True
     for t in t_names:
         for i, p in enumerate(dataset.corpus.get(t, [])):
-            fid = p.extra.get("fact_id")
-            if fid is not None and str(fid) in excl_fids:
+            fid = _fact_id(p)
+            if fid is not None and fid in excl_fids:
                 continue
             if pat is not None and pat.search(p.text):
                 continue
             if fid is None and pat is None:
                 linked = False
-            items.append(TrainItem(p.text, p.split or t, f"corpus_{t}#{i}", source=p.source))
+            items.append(
+                TrainItem(p.text, p.split or t, f"corpus_{t}#{i}", fact_id=fid, source=p.source)
+            )
+    # a T question dropped because V has the same text: drop the prose stating it too
+    unlinked = [d for d in dropped if d.get("fact_id") is None]
+    if unlinked and items:
+        texts = {d["question"] for d in unlinked}
+        qs = [q for t in t_names for q in dataset.splits[t] if q.question in texts]
+        matcher = FactMatcher(dataset.questions()).index([it.text for it in items])
+        gone = {i for q in qs for i in matcher.stated_in(q)}
+        items = [it for i, it in enumerate(items) if i not in gone]
     return items, linked or not holdout
+
+
+def _refuse_misaligned_corpus(dataset: Dataset, v: str, items: Sequence[TrainItem]) -> None:
+    """Refuse corpus RTT when T's prose states V facts (a dataset without fact ids).
+
+    The paper's Years files are the case in point: ``corpus_split_K`` is not
+    the partition of ``split_K``, so T's prose states most of V's facts.
+    This is the user's data, so the message says what was measured; the
+    check in :func:`check_provenance` would stop it anyway, as a bug.
+    """
+    v_qs = [q for q in dataset.splits[v] if _fact_id(q) is None]
+    if not v_qs:
+        return
+    matcher = FactMatcher(dataset.questions()).index([it.text for it in items])
+    leaked = [(q, hits) for q in v_qs if (hits := matcher.stated_in(q))]
+    if leaked:
+        q, hits = leaked[0]
+        raise DataError(
+            f"loss 'corpus' on dataset {dataset.name!r}: T's prose states {len(leaked)} of "
+            f"{len(dataset.splits[v])} V={v} facts ({100 * len(leaked) / len(dataset.splits[v]):.0f}%), "
+            f"e.g. {q.question!r} -> {q.answer_text} in {items[hits[0]].text[:80]!r}; its corpus "
+            "splits are not the partition of its question splits, so corpus RTT would train on V; "
+            "use loss 'mcq'",
+            field="loss",
+        )
 
 
 def _word_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
@@ -434,6 +482,10 @@ def check_provenance(fold: Fold, dataset: Dataset) -> None:
     * no V ``fact_id`` is a training text's source or a held-out question's;
     * no V ``subject`` (worlds) occurs, as whole words, in a training text or
       held-out question;
+    * no training text records a V ``fact_id`` (worlds: exact);
+    * no training text states a V fact that has no ``fact_id`` (the paper's
+      data: :class:`rtteval.attacks.facts.FactMatcher`, the V answer with
+      most of the V question's subject words);
     * held-out T questions are likewise absent from the training texts.
 
     Raises :class:`ProvenanceError` listing the offenders.
@@ -482,6 +534,19 @@ def check_provenance(fold: Fold, dataset: Dataset) -> None:
                 problems.append(f"{what} subject {word!r} is in held-out question #{j}")
 
     scan(v_qs, f"V={fold.v}", include_holdout=True)
+    v_fids = {f for f in (_fact_id(q) for q in v_qs) if f is not None}
+    for i, it in enumerate(fold.items):
+        if it.fact_id is not None and it.fact_id in v_fids:
+            problems.append(f"training text #{i} states V fact {it.fact_id}: {it.text[:80]!r}")
+    unlinked = [q for q in v_qs if _fact_id(q) is None]
+    if unlinked and fold.items:
+        matcher = FactMatcher(dataset.questions()).index(fold.train_texts)
+        for q in unlinked:
+            for j in matcher.stated_in(q)[:1]:
+                problems.append(
+                    f"V fact {q.question!r} -> {q.answer_text} is stated in training text #{j} "
+                    f"(recorded from {fold.items[j].split}): {fold.items[j].text[:80]!r}"
+                )
     if fold.holdout_isolated:
         scan(fold.holdout, "held-out T", include_holdout=False)
     if problems:

@@ -41,6 +41,13 @@ questions it evaluates.  Repeats inside one file are allowed: a file is never
 divided between training and evaluation, so they cannot leak.  Pass
 ``strict_duplicates=True`` to reject any question text that appears in two
 files; :func:`duplicate_questions` lists the repeats for inspection.
+
+Duplicated choices.  The released ``random_bd`` draws its distractor years at
+random, so some questions offer the same year twice, sometimes the correct
+one (docs/datasets.md has the counts).  Refusing them would refuse the
+paper's own data, so by default they load and ``rtteval data check`` counts
+them (``duplicate_choices``); ``distinct_choices=True`` (``data check
+--strict``) rejects them with ``file:line``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from rtteval.data.hub import resolve_dataset_path
-from rtteval.data.types import LETTERS, MCQ, Dataset, Passage
+from rtteval.data.types import LETTERS, MCQ, Dataset, Passage, mcq_answer, mcq_prompt
 from rtteval.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
@@ -90,14 +97,11 @@ def natural_key(name: str) -> tuple[Any, ...]:
 def render_mcq(question: str, choices: tuple[str, ...] | list[str], answer: int) -> str:
     """The text a WMDP-Deduped ``mcq_*`` record trains on.
 
-    ``"question\\nA. c1\\nB. c2\\nC. c3\\nD. c4\\nAnswer: X. cX"`` -- the same
-    lettered layout the paper's evaluation prompt uses, followed by the answer,
+    ``"question\\nA. c1\\nB. c2\\nC. c3\\nD. c4\\nAnswer: X. cX"`` -- the
+    evaluation prompt followed by the answer (:func:`rtteval.data.types.mcq_prompt`),
     so fine-tuning on it teaches exactly what the evaluation asks for.
     """
-    lines = [question]
-    lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    lines.append(f"Answer: {LETTERS[answer]}. {choices[answer]}")
-    return "\n".join(lines)
+    return mcq_prompt(question, choices) + mcq_answer(choices, answer)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -151,8 +155,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_mcq(obj: dict[str, Any], path: Path, line: int, n_choices: int | None) -> MCQ:
-    """Validate one question record; ``n_choices=None`` accepts 2..8 choices."""
+def _parse_mcq(
+    obj: dict[str, Any], path: Path, line: int, n_choices: int | None, strict: bool = False
+) -> MCQ:
+    """Validate one question record; ``n_choices=None`` accepts 2..8 choices.
+
+    ``strict`` also rejects a choice that repeats another (see the module
+    docstring: the released ``random_bd`` has such questions).
+    """
 
     def fail(field: str, message: str) -> DataError:
         return DataError(message, file=path, line=line, field=field)
@@ -177,6 +187,13 @@ def _parse_mcq(obj: dict[str, Any], path: Path, line: int, n_choices: int | None
         if isinstance(c, bool) or not isinstance(c, str | int | float):
             raise fail("choices", f"choice {i} must be a string or a number, got {_json_type(c)}")
         texts.append(str(c))
+    if strict:
+        seen = [t.strip() for t in texts]
+        dup = next((i for i, t in enumerate(seen) if t in seen[:i]), None)
+        if dup is not None:
+            raise fail(
+                "choices", f"choice {dup} ({texts[dup]!r}) repeats choice {seen.index(seen[dup])}"
+            )
     if not _is_int(answer):
         raise fail("answer", f"must be an integer, got {_json_type(answer)}")
     if not 0 <= answer < len(choices):
@@ -224,9 +241,9 @@ def _parse_mcq_text(obj: dict[str, Any], path: Path, line: int) -> Passage:
     return Passage(text, split, extra=extra, source=f"{path}:{line}")
 
 
-def _load_questions(path: Path, n_choices: int) -> list[MCQ]:
+def _load_questions(path: Path, n_choices: int, strict: bool = False) -> list[MCQ]:
     """All questions of one question file; an empty question file is an error."""
-    out = [_parse_mcq(obj, path, line, n_choices) for line, obj in _read_jsonl(path)]
+    out = [_parse_mcq(obj, path, line, n_choices, strict) for line, obj in _read_jsonl(path)]
     if not out:
         raise DataError("no questions (the file is empty or has only blank lines)", file=path)
     return out
@@ -293,7 +310,11 @@ def _check_duplicates(files: list[tuple[Path, list[MCQ]]], strict: bool) -> None
 
 
 def load_dataset(
-    path: str | Path, *, n_choices: int = 4, strict_duplicates: bool = False
+    path: str | Path,
+    *,
+    n_choices: int = 4,
+    strict_duplicates: bool = False,
+    distinct_choices: bool = False,
 ) -> Dataset:
     """Load and validate a dataset directory (or ``hf://owner/name[@rev]``).
 
@@ -301,7 +322,8 @@ def load_dataset(
     paper's datasets all have 4); ``mcq_*`` training text is exempt.
     ``strict_duplicates`` rejects any question text found in two question
     files, not only identical questions (see the module docstring for why the
-    default is looser: the released data repeats texts).
+    default is looser: the released data repeats texts).  ``distinct_choices``
+    rejects a question that offers the same choice twice.
 
     Raises :class:`~rtteval.errors.DataError` for any malformed input.
     """
@@ -362,8 +384,14 @@ def load_dataset(
             file=root,
         )
 
-    loaded = {n: _load_questions(question_files[n], n_choices) for n in forget + retain}
-    dev = _load_questions(question_files[DEV], n_choices) if DEV in question_files else []
+    loaded = {
+        n: _load_questions(question_files[n], n_choices, distinct_choices) for n in forget + retain
+    }
+    dev = (
+        _load_questions(question_files[DEV], n_choices, distinct_choices)
+        if DEV in question_files
+        else []
+    )
     order = [(question_files[n], loaded[n]) for n in forget + retain]
     if dev:
         order.append((question_files[DEV], dev))
@@ -400,7 +428,9 @@ def check_summary(
 
     ``{"splits": {name: n}, "corpus": {...}, "wrong_corpus": {...},
     "fixed_wrong_corpus": {...}, "dev": n}`` plus ``retain`` /
-    ``true_false`` / ``mcq_text`` when the dataset has them.
+    ``true_false`` / ``mcq_text`` when the dataset has them, and
+    ``duplicate_choices`` / ``ambiguous_answers`` (questions offering a choice
+    twice; of those, the ones whose answer is the repeated choice) when any.
     """
     return load_dataset(path, n_choices=n_choices, strict_duplicates=strict_duplicates).summary()
 

@@ -28,10 +28,7 @@ from prose alone.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -642,34 +639,17 @@ def _write_atomic(world: World, out_dir: Path, *, overwrite: bool) -> Path:
     """Write into a temp dir beside ``out_dir`` and rename it into place.
 
     A crash mid-write must never leave a half-written dataset that a later run
-    would happily train on, hence the rename.
+    would happily train on, hence the rename; :mod:`rtteval.outputs` keeps a
+    user's own files in ``out_dir`` out of harm's way.
     """
+    from rtteval.outputs import staged_output
+
     out_dir = out_dir.expanduser()
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError("exists and is not a directory", file=out_dir)
-        if any(out_dir.iterdir()) and not overwrite:
-            raise UserError(
-                "directory is not empty (pass overwrite=True to replace it)", file=out_dir
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_output(out_dir, overwrite=overwrite, kind="world") as tmp:
         for name, recs in world.records().items():
             (tmp / name).write_text(_jsonl(recs), encoding="utf-8", newline="\n")
         manifest = json.dumps(world.manifest(), ensure_ascii=False, indent=2) + "\n"
         (tmp / "manifest.json").write_text(manifest, encoding="utf-8", newline="\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "d")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -13,6 +13,7 @@ import torch
 
 from rtteval.methods import register
 from rtteval.methods.base import (
+    PAPER_ADAMW,
     PAPER_TRAIN,
     TINY_TRAIN,
     Method,
@@ -33,7 +34,7 @@ class NPO(Method):
     hparam_types = {"beta": num(float, gt=0), "retain_coef": num(float, ge=0)}
     defaults = {
         "tiny": TINY_TRAIN | dict(lr=3e-3, beta=0.1, retain_coef=1.0),
-        "paper": PAPER_TRAIN | dict(lr=1e-5, optimizer="adamw", beta=0.1, retain_coef=1.0),
+        "paper": PAPER_TRAIN | PAPER_ADAMW | dict(lr=1e-5, beta=0.1, retain_coef=1.0),
     }
     grid = {
         "tiny": {"lr": [1e-3, 3e-3], "beta": [0.1, 0.5]},

@@ -23,6 +23,7 @@ import torch
 from rtteval.errors import ConfigError
 from rtteval.methods import register
 from rtteval.methods.base import (
+    PAPER_ADAMW,
     PAPER_TRAIN,
     TINY_TRAIN,
     Method,
@@ -100,10 +101,11 @@ class RMU(Method):
             alpha=10.0,
         ),
         "paper": PAPER_TRAIN
+        | PAPER_ADAMW
         | dict(
             lr=5e-5,
-            optimizer="adamw",
             epochs=1,
+            warmup_steps=0,
             layer=7,
             param_layers=None,
             modules="mlp.down_proj",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from rtteval.methods import register
 from rtteval.methods.base import (
+    PAPER_ADAMW,
     PAPER_TRAIN,
     TINY_TRAIN,
     Method,
@@ -32,8 +33,7 @@ class SimNPO(Method):
     }
     defaults = {
         "tiny": TINY_TRAIN | dict(lr=1e-3, beta=1.0, delta=0.0, retain_coef=1.0),
-        "paper": PAPER_TRAIN
-        | dict(lr=1e-5, optimizer="adamw", beta=2.5, delta=0.0, retain_coef=1.0),
+        "paper": PAPER_TRAIN | PAPER_ADAMW | dict(lr=1e-5, beta=2.5, delta=0.0, retain_coef=1.0),
     }
     grid = {
         "tiny": {"lr": [1e-3, 3e-3], "beta": [0.5, 1.0, 2.5]},

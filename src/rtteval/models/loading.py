@@ -9,11 +9,10 @@ user asks, since a hub repo's Python would otherwise run on their machine.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -174,9 +173,10 @@ def load_model(
     )
     if device_map is not None:
         kwargs["device_map"] = device_map
+    check_model_files(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         if offline:
             raise _offline_error(ref) from None
         raise UserError(f"could not load model from {name_or_path!s}: {e}") from e
@@ -201,23 +201,52 @@ def record_context(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
             tokenizer.model_max_length = n
 
 
+def write_model_files(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path
+) -> None:
+    """Write model (safetensors) and tokenizer into an existing staging directory."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+
+
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Save model (safetensors) and tokenizer atomically: a crash never leaves half a model."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """Save model and tokenizer atomically: a crash never leaves half a model.
+
+    ``out_dir`` follows :mod:`rtteval.outputs`: a non-empty directory needs
+    ``overwrite``, and even then only rtteval's own files are replaced.
+    """
+    from rtteval.outputs import staged_output
+
+    with staged_output(out_dir, overwrite=overwrite, kind="model") as stage:
+        write_model_files(model, tokenizer, stage)
+    return Path(out_dir)
+
+
+def check_model_files(path: str | Path) -> None:
+    """Raise a one-line :class:`UserError` naming a corrupt, truncated or empty weights file.
+
+    Opening a safetensors file reads and checks only its header against the
+    file's size, so this is cheap enough to run on every model before any
+    work starts (``attack`` checks all three models before writing anything).
+    """
+    from safetensors import safe_open
+
+    p = Path(str(path))
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"corrupt or truncated weights file ({msg})", file=f) from None
 
 
 def snapshot_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from rtteval.config import ExecutorSpec, LoadedConfig, StudyConfig
 from rtteval.errors import UserError
+from rtteval.outputs import ResumableOutput
 from rtteval.runner.executors import (
     Executor,
     ProcessExecutor,
@@ -42,6 +43,7 @@ from rtteval.runner.jobs import (
     get_kind,
     log_path_for,
     run_task,
+    sweep_leftovers,
 )
 from rtteval.runner.plan import Plan, build_plan
 from rtteval.runner.store import FINAL_OK, Store
@@ -367,9 +369,11 @@ def run_study(
     import yaml
 
     cfg = loaded.config
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ResumableOutput(cfg.output_dir, overwrite=False, kind="study").open()
     with DirLock(out):
+        swept = sweep_leftovers(out)
+        if swept:
+            say(f"removed {swept} unfinished job dir(s) left by a killed run")
         plan = build_plan(cfg)
         for note in plan.notes:
             say(f"note: {note}")

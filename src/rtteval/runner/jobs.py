@@ -284,6 +284,20 @@ def finalize_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+def sweep_leftovers(out_dir: Path) -> int:
+    """Remove the temp and trash dirs of jobs killed mid-save; returns how many.
+
+    Call only while holding the study's run lock: then no live driver (and,
+    since workers die with their driver, no live worker) can own them.
+    """
+    n = 0
+    for d in (out_dir / "jobs").glob("*/.*"):
+        if d.is_dir() and (".tmp-" in d.name or ".old-" in d.name):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
 def run_task(task: Task, *, fd_level: bool = True) -> TaskResult:
     """Run one job in this process; never raises for a job's own error (it becomes ``failed``)."""
     out = Path(task.out_dir)

@@ -39,6 +39,22 @@ def _data_dirs(config: dict[str, Any], deps: list[Dep]) -> tuple[str, str | None
     return path, data.get("retain")
 
 
+def _datasets(config: dict[str, Any], deps: list[Dep]) -> tuple[Any, Any]:
+    """The forget dataset and the retain dataset (``None``: the forget data's own retain files).
+
+    ``retain_splits`` (the paper's Random Birthdays) splits the retain data
+    off the forget directory itself.
+    """
+    from rtteval.data import load_dataset
+
+    data, retain = _data_dirs(config, deps)
+    ds = load_dataset(data)
+    names = config["data"].get("retain_splits")
+    if names:
+        return ds.split_off(names)
+    return ds, load_dataset(retain) if retain else None
+
+
 def _load(config: dict[str, Any], deps: list[Dep]) -> tuple[Any, Any]:
     """The job's model: a dependency's artifact, or a hub id / path from the config."""
     from rtteval.models import load_model
@@ -143,13 +159,10 @@ def finetune_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
 @job_kind("unlearn")
 def unlearn_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
     """One grid point of one method: unlearn from the original, save the model and metrics."""
-    from rtteval.data import load_dataset
     from rtteval.models import save_model
     from rtteval.unlearn import UnlearnConfig, apply_point, unlearn
 
-    data, retain = _data_dirs(config, deps)
-    ds = load_dataset(data)
-    retain_ds = load_dataset(retain) if retain else None
+    ds, retain_ds = _datasets(config, deps)
     cfg = apply_point(
         UnlearnConfig(method=config["method"], seed=config["seed"]),
         {**config.get("fixed", {}), **config.get("point", {})},
@@ -231,18 +244,16 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
     """One (model, fold): the whole lr x epoch grid, weights restored in memory between lrs."""
     from rtteval.attacks import get_attack
     from rtteval.attacks.rtt import RTTConfig
-    from rtteval.data import load_dataset
     from rtteval.pretrain import retain_eval_name, scoring_for
 
-    data, retain = _data_dirs(config, deps)
-    ds = load_dataset(data)
+    ds, retain_ds = _datasets(config, deps)
     fold = config["fold"]
     if fold not in ds.splits:
-        raise ValueError(f"fold {fold!r} is not a forget split of {data} ({ds.split_names})")
-    if retain:
+        raise ValueError(f"fold {fold!r} is not a forget split of {ds.root} ({ds.split_names})")
+    if retain_ds is not None:
         from rtteval.unlearn import retain_data
 
-        retain_q = list(retain_data(ds, load_dataset(retain), seed=config["seed"]).eval_questions)
+        retain_q = list(retain_data(ds, retain_ds, seed=config["seed"]).eval_questions)
     else:
         r_name = retain_eval_name(ds)
         retain_q = list(ds.retain[r_name]) if r_name else []

@@ -133,7 +133,8 @@ def _split_names(ds: DatasetSpec, i: int, *, dry_run: bool) -> list[str] | None:
         return None
     from rtteval.data import load_dataset
 
-    return list(load_dataset(ds.path).split_names)
+    kept = set(ds.retain_splits or [])
+    return [n for n in load_dataset(ds.path).split_names if n not in kept]
 
 
 def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
@@ -219,6 +220,8 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         if ds.retain is not None:
             data_cfg["retain"] = ds.retain
             data_cfg["retain_fingerprint"] = fingerprint_dir(ds.retain)
+        if ds.retain_splits:
+            data_cfg["retain_splits"] = list(ds.retain_splits)
         splits = _split_names(ds, di, dry_run=dry_run)
         folds = list(cfg.attack.folds) if cfg.attack.folds else splits
         if splits is not None and cfg.attack.folds:
