@@ -33,7 +33,13 @@ exists, so a run cut short still leaves its numbers):
 5. rtteval's step at batch 4 while a copy of the weights is held on the GPU,
    as ``attack_model``'s ``snapshot_state`` does (does RTT as run fit?); at
    batches 16 and 32 (throughput only: a different batch size is different
-   math); with --compile, on ``torch.compile(model, dynamic=True)``, last.
+   math).
+6. rtteval's step at batch 4 under each training precision in --precisions
+   (default fp32, bf16, bf16-pure, fp16; docs/performance.md), then the same
+   with gradient checkpointing: time, peak memory, the lost-update warnings
+   at --lr.  ``train`` casts the weights to the precision's dtype; they are
+   cast back to the build dtype after each (lossless from bf16).  Then, with
+   --compile, on ``torch.compile(model, dynamic=True)``, last.
 
 FLOPs (stated in the JSON under ``flops``): N = the parameters that do matrix
 products = all parameters minus the input embedding (an embedding lookup does
@@ -48,8 +54,10 @@ Every measurement: 3 warm-up steps, then --steps timed steps (default 10),
 ``torch.cuda.synchronize`` around the timed region; mean step time.  Peak
 memory (``torch.cuda.max_memory_allocated``) per measurement.  An OOM is
 caught, printed and recorded, and the next measurement runs.  Memory at
-batch 4: 16 GB bf16 weights + 16 GB grads + 16 GB bf16 Lion momentum (+ the
-foreach Lion's 16 GB update temporary) fits an 80 GB H100.
+batch 4 (computed in benchmarks/memory_8b.py): the default precision on a
+GPU, ``bf16``, holds 16 GB bf16 weights + 16 GB grads + 32 GB fp32 Lion
+momentum + 32 GB fp32 compensation; with the 16 GB snapshot that needs a
+141 GB H200, not an 80 GB H100 (``bf16-pure`` fits one).
 
 The last two lines are ``speedup_step_bs4: X`` (rtteval / baseline real
 tokens/s at batch 4) and ``mfu_eval: Y`` (forward at --eval-batch, no copy).
@@ -85,7 +93,14 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rtteval.models.loading import snapshot_state  # noqa: E402
 from rtteval.scoring import forward_logits, position_ids_from_mask  # noqa: E402
-from rtteval.train import TrainConfig, lm_loss_fn, make_batches, train  # noqa: E402
+from rtteval.train import (  # noqa: E402
+    PRECISIONS,
+    TrainConfig,
+    cast_parameters,
+    lm_loss_fn,
+    make_batches,
+    train,
+)
 
 LLAMA3_8B: dict[str, Any] = dict(
     hidden_size=4096,
@@ -404,12 +419,19 @@ class Bench:
         return rec
 
     def rtteval_step_bench(
-        self, batch_size: int, compiled: bool = False, snapshot: bool = False
+        self,
+        batch_size: int,
+        compiled: bool = False,
+        snapshot: bool = False,
+        precision: str = "auto",
+        checkpointing: bool = False,
     ) -> dict:
         """rtteval's step: ``rtteval.train.train`` itself on ``make_batches`` (bucketed) batches.
 
         ``snapshot`` holds a copy of the weights on the device meanwhile, as
         ``attack_model`` does (``snapshot_state``), to see whether RTT as run fits.
+        ``precision`` / ``checkpointing``: the TrainConfig's; the weights are cast
+        back to the build dtype afterwards, so later measurements see the same model.
         """
         args = self.args
         model = self.model
@@ -429,6 +451,8 @@ class Bench:
             eval_every_epochs=None,
             autocast="auto",
             seed=args.seed,
+            precision=precision,  # type: ignore[arg-type]
+            gradient_checkpointing=checkpointing,
         )
         self.reset_mem()
         t = time.perf_counter()
@@ -439,13 +463,21 @@ class Bench:
                 f"compiled warm-up ({len(warm)} steps incl. compilation): {time.perf_counter() - t:.1f} s"
             )
         t = time.perf_counter()
-        res = train(model, lambda _epoch: timed, lm_loss_fn, cfg)
-        self.sync()
-        seconds = time.perf_counter() - t
+        try:
+            res = train(model, lambda _epoch: timed, lm_loss_fn, cfg)
+            self.sync()
+            seconds = time.perf_counter() - t
+        finally:
+            cast_parameters(self.model, [self.dtype] * len(list(self.model.parameters())))
         label = f"rtteval bs{batch_size}" + (" compiled" if compiled else "")
         label += " + weight snapshot" if held is not None else ""
+        label += f" precision {res.precision}" if precision != "auto" else ""
+        label += " + checkpointing" if checkpointing else ""
         rec = self.train_record(label, timed, seconds, res.steps, res.losses)
         rec["weight_snapshot_on_device"] = held is not None
+        rec["precision"] = res.precision
+        rec["gradient_checkpointing"] = checkpointing
+        rec["lost_update_warnings"] = res.warnings
         del held
         epoch_real, epoch_padded = pad_stats(batches)
         rec["epoch_padding_efficiency"] = epoch_real / epoch_padded
@@ -665,6 +697,13 @@ class Bench:
         train_m("rtteval_bs4_snapshot", lambda: self.rtteval_step_bench(4, snapshot=True))
         for bs in args.big_batches:
             train_m(f"rtteval_bs{bs}", lambda bs=bs: self.rtteval_step_bench(bs))
+        for ckpt in (False, True):
+            for mode in args.precisions:
+                key = f"rtteval_bs4_{mode}" + ("_checkpointing" if ckpt else "")
+                train_m(
+                    key,
+                    lambda m=mode, c=ckpt: self.rtteval_step_bench(4, precision=m, checkpointing=c),
+                )
         if args.compile:
             train_m(
                 "rtteval_bs4_compiled",
@@ -724,7 +763,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip measurements after this")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--precisions",
+        default=",".join(PRECISIONS),
+        help=f"rtteval step under each (default {','.join(PRECISIONS)}; '' for none)",
+    )
     args = ap.parse_args(argv)
+    args.precisions = [p for p in args.precisions.split(",") if p.strip()]
+    bad = [p for p in args.precisions if p not in PRECISIONS]
+    if bad:
+        ap.error(f"unknown precision {bad[0]!r}; use {', '.join(PRECISIONS)}")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 10)
     args.eval_steps = args.eval_steps if args.eval_steps is not None else (2 if args.smoke else 5)

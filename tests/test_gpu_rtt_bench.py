@@ -26,7 +26,9 @@ def test_gpu_rtt_smoke_writes_every_measurement(tmp_path: Path, capsys) -> None:
     assert data["meta"]["smoke"] is True
     assert data["peak_matmul"]["tflops"] > 0
     assert data["flops"]["n_matmul"] > 0
-    for key in ("baseline_bs4", "rtteval_bs4", "rtteval_bs4_snapshot", "rtteval_bs8"):
+    modes = ("fp32", "bf16", "bf16-pure", "fp16")
+    per_mode = [f"rtteval_bs4_{m}{c}" for c in ("", "_checkpointing") for m in modes]
+    for key in ("baseline_bs4", "rtteval_bs4", "rtteval_bs4_snapshot", "rtteval_bs8", *per_mode):
         row = data["train"][key]
         for field in ("step_s_mean", "tokens_per_s", "tflops", "mfu"):
             assert row[field] > 0, (key, field)
@@ -35,6 +37,14 @@ def test_gpu_rtt_smoke_writes_every_measurement(tmp_path: Path, capsys) -> None:
         row = data["eval"][key]
         for field in ("batch_s_mean", "tokens_per_s", "mfu"):
             assert row[field] > 0, (key, field)
+    for key in per_mode:
+        row = data["train"][key]
+        assert row["precision"] == key.split("_")[2]
+        assert row["gradient_checkpointing"] == key.endswith("_checkpointing")
+    # lr 1e-6 is below half a bf16 / fp16 rounding step of typical weights, not an fp32 one
+    assert data["train"]["rtteval_bs4_bf16-pure"]["lost_update_warnings"]
+    assert not data["train"]["rtteval_bs4_bf16"]["lost_update_warnings"]
+    assert not data["train"]["rtteval_bs4_fp32"]["lost_update_warnings"]
     est = data["sweep_estimate"]
     assert est["sweep"]["steps_per_epoch"] == 158
     assert est["baseline"]["total_s"] > 0 and est["rtteval"]["total_s"] > 0

@@ -89,6 +89,10 @@ def attack_cmd(
     ] = None,
     seed: Annotated[int | None, typer.Option(parser=SEED)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, bf16-pure or fp16"),
+    ] = None,
     method_name: Annotated[
         str | None, typer.Option(help="label of the unlearned model in the report")
     ] = None,
@@ -133,6 +137,7 @@ def attack_cmd(
         "holdout_fraction": holdout_fraction,
         "overlap": overlap,
         "seed": seed,
+        "precision": precision,
     }
     for k, v in overrides.items():
         if v is not None:
@@ -165,7 +170,8 @@ def attack_cmd(
         key = {
             "model": _model_fingerprint(path),
             "data": str(ds.root.resolve()),
-            "rtt": cfg.to_dict(),
+            # precision "auto" left out: attacks saved before it existed stay reusable
+            "rtt": {k: v for k, v in cfg.to_dict().items() if (k, v) != ("precision", "auto")},
             "scoring": scoring.mode,
             "label": lab,
         }

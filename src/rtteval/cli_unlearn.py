@@ -188,6 +188,9 @@ def unlearn_cmd(
     ] = 0.05,
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, bf16-pure or fp16")
+    ] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
@@ -225,6 +228,7 @@ def unlearn_cmd(
         adam_eps=adam_eps, train_only=only,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size,
         eval_every_steps=eval_every_steps, target_forget_acc=target_forget_acc, seed=seed,
+        precision=precision,  # type: ignore[arg-type]
     )  # fmt: skip
     metrics, sweep_res = run_unlearn(
         model, data, out, cfg,

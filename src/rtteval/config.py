@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 
+#: Training precision of every stage (:data:`rtteval.train.PRECISIONS`, docs/performance.md).
+Precision = Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"]
+
+
 class _Strict(BaseModel):
     # strict: `epochs: true` is not 1 epoch and `epochs: 1e23` is not an int;
     # no inf/nan anywhere (a learning rate of .inf passes every `gt=0`).
@@ -261,6 +265,7 @@ class FinetuneSpec(_Strict):
                 setattr(base, "max_epochs" if k == "epochs" else k, v)
         d = asdict(base)
         d.pop("seed")
+        d.pop("precision")  # the study's, added to the job by the plan
         return d
 
 
@@ -368,6 +373,8 @@ class AttackSpec(_Strict):
     warmup_steps: int | None = Field(None, ge=0)
     eval_batch_size: int = Field(128, ge=1)
     controls: bool = True
+    #: Overrides the study's ``precision`` for RTT (``fp16``: the paper's released RTT).
+    precision: Precision | None = None
 
     @field_validator("name")
     @classmethod
@@ -383,6 +390,8 @@ class AttackSpec(_Strict):
     @model_validator(mode="after")
     def _resolves(self) -> AttackSpec:
         """The resolved RTTConfig passes its own checks (duplicate lrs ...) at load time."""
+        if not self.model_fields_set:  # the defaults (also built while this module imports)
+            return self
         try:
             self.rtt_dict(seed=0)
         except UserError as e:
@@ -394,7 +403,7 @@ class AttackSpec(_Strict):
         from rtteval.attacks.rtt import RTTConfig
 
         base = RTTConfig.paper() if self.paper else RTTConfig()
-        skip = {"name", "paper", "eval_batch_size", "controls", "folds"}
+        skip = {"name", "paper", "eval_batch_size", "controls", "folds", "precision"}
         for k, v in self.model_dump().items():
             # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
             if k not in skip and (
@@ -405,7 +414,9 @@ class AttackSpec(_Strict):
         base.train_splits = train_splits
         base.folds = None
         base.validate()
-        return base.to_dict()
+        d = base.to_dict()
+        d.pop("precision")  # added to the job by the plan
+        return d
 
 
 # --------------------------------------------------------------------------- running
@@ -463,6 +474,11 @@ class StudyConfig(_Strict):
     output_dir: str
     seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1)
     device: str = "auto"
+    #: Of every training stage (pretrain, finetune, unlearn, attack); a method's ``fixed`` or
+    #: ``grid`` may set its own.  ``auto``: bf16 (every update kept) on a GPU, fp32 on CPU.
+    precision: Precision = "auto"
+    #: Recompute activations in backward (Hugging Face models): no change to the numbers.
+    gradient_checkpointing: bool = False
     model: ModelSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
     methods: list[MethodSpec] = Field(min_length=1)

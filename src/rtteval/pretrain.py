@@ -21,7 +21,15 @@ from rtteval.models.loading import write_model_files
 from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
 from rtteval.store import write_json_atomic
-from rtteval.train import TrainConfig, encode_texts, lm_loss_fn, make_batches, train
+from rtteval.train import (
+    Precision,
+    TrainConfig,
+    cast_for_precision,
+    encode_texts,
+    lm_loss_fn,
+    make_batches,
+    train,
+)
 
 
 @dataclass
@@ -40,6 +48,7 @@ class PretrainConfig:
     seed: int = 0
     exclude_forget: bool = False
     anneal_epochs: int = 10
+    precision: Precision = "auto"
 
 
 def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
@@ -165,6 +174,7 @@ def pretrain(
         grad_clip=1.0,
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
+        precision=cfg.precision,
     )
     return _learn_and_save(
         model,
@@ -278,6 +288,7 @@ class FinetuneConfig:
     loss: str = "corpus"
     grad_clip: float | None = 1.0
     seed: int = 0
+    precision: Precision = "auto"
 
     @classmethod
     def paper(cls, **overrides: Any) -> FinetuneConfig:
@@ -356,6 +367,7 @@ def finetune_facts(
     def stop(row: dict[str, Any]) -> bool:
         return target is not None and all(v >= target for k, v in row.items() if k.endswith("_acc"))
 
+    cast_for_precision(model, cfg.precision)  # "before" is measured in the dtype that trains
     before = evaluate(model)
     tcfg = TrainConfig(
         lr=cfg.lr,
@@ -365,6 +377,7 @@ def finetune_facts(
         grad_clip=cfg.grad_clip,
         seed=cfg.seed,
         eval_every_epochs=cfg.eval_every_epochs,
+        precision=cfg.precision,
     )
     return _learn_and_save(
         model,

@@ -22,6 +22,7 @@ from typing import Any, Literal, overload
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rtteval.config import Precision
 from rtteval.errors import ConfigError
 
 Batch = dict[str, Any]
@@ -47,10 +48,12 @@ class Lion(torch.optim.Optimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        compensate: bool = False,
     ):
         if lr <= 0:
             raise ConfigError(f"Lion learning rate must be positive, got {lr}")
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+        self.compensate = compensate
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> Any:
@@ -58,6 +61,9 @@ class Lion(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
+                continue
+            if self.compensate:
+                self._compensated_step(group, params)
                 continue
             grads = [p.grad for p in params]
             for p in params:
@@ -82,6 +88,189 @@ class Lion(torch.optim.Optimizer):
             torch._foreach_mul_(avgs, b2)
             torch._foreach_add_(avgs, grads, alpha=1 - b2)
         return loss
+
+    def _compensated_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The same update, kept in fp32 (momentum and a Kahan residual) for low-precision weights.
+
+        One parameter at a time, so the fp32 temporaries are one tensor's, not the model's.
+        """
+        b1, b2, lr, wd = *group["betas"], group["lr"], group["weight_decay"]
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["comp"] = torch.zeros_like(p, dtype=torch.float32)
+            m, g = state["exp_avg"], p.grad.float()
+            update = torch.lerp(m, g, 1 - b1).sign_()
+            m.lerp_(g, 1 - b2)
+            del g
+            _kahan_add_(p, state["comp"], update, lr, wd)
+
+
+def _kahan_add_(
+    p: torch.Tensor, comp: torch.Tensor, update: torch.Tensor, lr: float, wd: float
+) -> None:
+    """``p -= lr * (update + wd * p)`` without losing what rounding ``p`` drops.
+
+    ``comp`` (fp32) holds the part of the fp32 result that ``p``'s dtype cannot
+    represent, so ``p + comp`` is the weight fp32 training would have.  A
+    bf16 residual (torch-optimi's Kahan summation) stops absorbing an lr
+    below 1/256 of itself, so it too loses small updates over many steps
+    (docs/performance.md).  ``update`` is consumed as scratch space.
+    """
+    exact = p.float().add_(comp)
+    if wd:
+        exact.mul_(1 - lr * wd)
+    exact.add_(update, alpha=-lr)
+    p.copy_(exact)
+    comp.copy_(exact.sub_(p))
+
+
+def carried_weights(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The fp32 weights an optimizer carries: each parameter plus its Kahan residual, if any.
+
+    A compensated run's progress below the weights' rounding step lives in
+    the residual until it adds up to a step; this is where to see it.
+    """
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            comp = opt.state.get(p, {}).get("comp")
+            out.append(p.detach().float() + (comp if comp is not None else 0.0))
+    return out
+
+
+class KahanAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) for low-precision weights.
+
+    Moments and the update are fp32 and applied with :func:`_kahan_add_`, so
+    bf16 weights receive every update, however small next to their rounding step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        if lr <= 0:
+            raise ConfigError(f"AdamW learning rate must be positive, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    for k in ("exp_avg", "exp_avg_sq", "comp"):
+                        state[k] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"]
+                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad.float()
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = v.div(1 - b2**t).sqrt_().add_(group["eps"])
+                torch.div(m, update, out=update).div_(1 - b1**t)
+                del g
+                _kahan_add_(p, state["comp"], update, group["lr"], group["weight_decay"])
+        return loss
+
+
+# --------------------------------------------------------------------------- precision
+
+#: Training precisions (docs/performance.md).  ``fp32``: fp32 weights (bf16
+#: autocast on a GPU).  ``bf16``: bf16 weights whose updates are kept in fp32
+#: (optimizer state and a Kahan residual), so none is lost to rounding.
+#: ``bf16-pure`` / ``fp16``: the weights' dtype throughout, updates smaller
+#: than half a rounding step vanish (``fp16`` is the paper's released RTT).
+PRECISIONS: dict[str, tuple[torch.dtype, bool]] = {
+    "fp32": (torch.float32, False),
+    "bf16": (torch.bfloat16, True),
+    "bf16-pure": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` is ``bf16`` on a GPU (keeps every update, half the weight memory) and ``fp32``
+    elsewhere, so CPU numbers are those of fp32 training."""
+    check_precision(precision)
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def check_precision(precision: str) -> None:
+    """Refuse an unknown precision name before any work is done."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; use auto, {', '.join(PRECISIONS)}", field="precision"
+        )
+
+
+def cast_for_precision(model: torch.nn.Module, precision: str) -> str:
+    """Give ``model``'s floating-point parameters the precision's dtype, in place.
+
+    Parameters only: buffers such as rotary frequencies stay as the model
+    built them.  Returns the resolved precision.
+    """
+    params = list(model.parameters())
+    mode = resolve_precision(precision, params[0].device)
+    cast_parameters(model, [PRECISIONS[mode][0]] * len(params))
+    return mode
+
+
+def cast_parameters(model: torch.nn.Module, dtypes: Sequence[torch.dtype]) -> None:
+    """Give each floating-point parameter its dtype from ``dtypes`` (in parameter order)."""
+    for p, dtype in zip(model.parameters(), dtypes, strict=True):
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def rounding_step(magnitude: float, dtype: torch.dtype) -> float:
+    """The spacing of ``dtype``'s numbers at ``magnitude`` (one ulp)."""
+    if magnitude <= 0:
+        return float(torch.finfo(dtype).tiny)
+    return float(torch.finfo(dtype).eps) * 2.0 ** math.floor(math.log2(magnitude))
+
+
+def median_magnitude(tensors: Sequence[torch.Tensor], sample: int = 1 << 20) -> float:
+    """Median |w| over ``tensors``, from an evenly strided sample of at most ``sample`` values."""
+    total = sum(t.numel() for t in tensors)
+    stride = max(1, total // sample)
+    parts = [t.detach().reshape(-1)[::stride].float().abs() for t in tensors]
+    return float(torch.cat(parts).median()) if parts else 0.0
+
+
+def lost_update_warnings(
+    tensors: Sequence[torch.Tensor], lrs: Sequence[float], precision: str
+) -> list[str]:
+    """A warning per lr below half the rounding step of weights at their median magnitude.
+
+    Such an update rounds away on a typical weight (an update of about lr is
+    what Lion makes exactly and Adam roughly), so training silently does
+    less than its lr says.  The compensated ``bf16`` precision never warns.
+    """
+    dtype, compensated = PRECISIONS[precision]
+    if compensated or not tensors:
+        return []
+    mag = median_magnitude(tensors)
+    half = rounding_step(mag, dtype) / 2
+    return [
+        f"precision {precision}: lr {lr:g} is below half the rounding step ({half:.3g}) of "
+        f"{str(dtype).removeprefix('torch.')} weights at their median magnitude {mag:.3g}, "
+        "so most updates are lost; use precision bf16 or fp32"
+        for lr in lrs
+        if lr < half
+    ]
 
 
 # --------------------------------------------------------------------------- config
@@ -110,7 +299,12 @@ class TrainConfig:
     eval_every_epochs: int | None = 1
     eval_at_start: bool = False
     max_loss: float | None = None
+    #: Only for ``fp32`` weights (``precision: fp32``); other precisions compute in their dtype.
     autocast: Literal["auto", "off", "bf16"] = "auto"
+    #: Weight dtype and update rule (:data:`PRECISIONS`); ``auto``: bf16 on a GPU, fp32 on CPU.
+    precision: Precision = "auto"
+    #: Recompute activations in the backward pass (Hugging Face models): less memory, ~1/3 slower.
+    gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +322,9 @@ class TrainResult:
     wall_time: float = 0.0
     tokens: int = 0
     message: str = ""
+    #: The resolved precision (``fp32``, ``bf16``, ...) and its lost-update warnings.
+    precision: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -144,17 +341,31 @@ class TrainResult:
             "tokens": self.tokens,
             "tokens_per_second": self.tokens_per_second,
             "message": self.message,
+            "precision": self.precision,
+            "warnings": self.warnings,
         }
 
 
-def make_optimizer(params: list[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``params``: tensors, or param-group dicts (an Ensemble: one group per member)."""
+def make_optimizer(
+    params: list[Any], cfg: TrainConfig, *, compensate: bool = False
+) -> torch.optim.Optimizer:
+    """``params``: tensors, or param-group dicts (an Ensemble: one group per member).
+
+    ``compensate``: keep every update of low-precision weights (precision ``bf16``).
+    """
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
+        cls = KahanAdamW if compensate else torch.optim.AdamW
+        return cls(
             params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
     if cfg.optimizer == "lion":
-        return Lion(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+        return Lion(
+            params,
+            lr=cfg.lr,
+            betas=(0.9, 0.99),
+            weight_decay=cfg.weight_decay,
+            compensate=compensate,
+        )
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adamw or lion")
 
 
@@ -487,6 +698,10 @@ class Ensemble(torch.nn.Module):
     def size(self) -> int:
         return len(self.lrs)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._flat.dtype
+
     @torch.no_grad()
     def reset_(self, model: torch.nn.Module) -> None:
         """Make every member a copy of ``model``'s current weights (RTT: before each fold)."""
@@ -531,9 +746,25 @@ class Ensemble(torch.nn.Module):
 # --------------------------------------------------------------------------- the loop
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+def _autocast(cfg: TrainConfig, device: torch.device, precision: str):
+    use = precision == "fp32" and (
+        cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+    )
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+class LostUpdateWarning(UserWarning):
+    """An lr too small for the weights' dtype: most updates round away (see :func:`train`)."""
+
+
+def _gradient_checkpointing(model: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """Turn on Hugging Face gradient checkpointing if ``cfg`` asks and it is off; True if it did."""
+    from rtteval.models.loading import is_checkpointing, set_checkpointing
+
+    if not cfg.gradient_checkpointing or is_checkpointing(model):
+        return False
+    set_checkpointing(model, True)
+    return True
 
 
 @overload
@@ -567,6 +798,7 @@ def train(
     trainable: Callable[[str], bool] | None = None,
     progress: str | None = None,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
+    on_finish: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> TrainResult | list[TrainResult]:
     """Train ``model`` in place.
 
@@ -585,6 +817,11 @@ def train(
     ``model.members[g]``), ``stop`` — is per member.  A diverged or stopped
     member is frozen while the others go on.  One :class:`TrainResult` per
     member comes back; their ``wall_time`` is the shared run's.
+
+    ``cfg.precision`` casts a plain model's parameters to its dtype first (an
+    Ensemble must be built from a cast model).  An lr too small for that
+    dtype (:func:`lost_update_warnings`) warns and is recorded in the result.
+    ``on_finish(optimizer)`` runs when training ends (see :func:`carried_weights`).
     """
     ens = model if isinstance(model, Ensemble) else None
     device = next(model.parameters()).device
@@ -592,8 +829,15 @@ def train(
     if ens is not None:
         if trainable is not None:
             raise ConfigError("an Ensemble trains all parameters; trainable is not supported")
+        precision = resolve_precision(cfg.precision, device)
+        if ens.dtype != PRECISIONS[precision][0]:
+            raise ConfigError(
+                f"the ensemble's weights are {ens.dtype}, precision {precision} needs "
+                f"{PRECISIONS[precision][0]}: build it from a model cast by cast_for_precision"
+            )
         groups, lrs, members = [[t] for t in ens.member_tensors()], ens.lrs, list(ens.members)
     else:
+        precision = cast_for_precision(model, cfg.precision)
         params = []
         for n, p in model.named_parameters():
             keep = trainable(n) if trainable is not None else True
@@ -603,7 +847,11 @@ def train(
         if not params:
             raise ConfigError("no trainable parameters selected")
         groups, lrs, members = [params], [cfg.lr], [model]
-    opt = make_optimizer([{"params": g} for g in groups], cfg)
+    opt = make_optimizer([{"params": g} for g in groups], cfg, compensate=PRECISIONS[precision][1])
+    lost = [lost_update_warnings(g, [lr], precision) for g, lr in zip(groups, lrs, strict=True)]
+    for msg in {m for ms in lost for m in ms}:
+        warnings.warn(msg, LostUpdateWarning, stacklevel=2)
+    checkpointing = _gradient_checkpointing(ens.batched if ens else model, cfg)
     first = batches(0)
     steps_per_epoch = len(first)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -612,7 +860,10 @@ def train(
         if cfg.max_steps is not None and cfg.epochs
         else total
     )
-    results = [TrainResult(status="completed", steps=0, epochs_run=0) for _ in groups]
+    results = [
+        TrainResult(status="completed", steps=0, epochs_run=0, precision=precision, warnings=w)
+        for w in lost
+    ]
     live = list(range(len(groups)))  # members still training
     step = 0
     t0 = time.perf_counter()
@@ -664,7 +915,7 @@ def train(
                 for group, lr in zip(opt.param_groups, lrs, strict=True):
                     group["lr"] = lr * lr_factor(step, total, cfg)
                 batch = to_device(batch, device)
-                with _autocast(cfg, device):
+                with _autocast(cfg, device, precision):
                     loss, _ = loss_fn(model, batch)
                 values = loss.detach().reshape(-1).tolist()
                 for i in list(live):
@@ -703,7 +954,13 @@ def train(
             epoch += 1
             if live and cfg.eval_every_epochs and epoch % cfg.eval_every_epochs == 0:
                 run_eval(epoch)
+        if on_finish is not None:
+            on_finish(opt)
     finally:
+        if checkpointing:
+            from rtteval.models.loading import set_checkpointing
+
+            set_checkpointing(ens.batched if ens else model, False)
         for p in model.parameters():
             p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)

@@ -54,7 +54,16 @@ from rtteval.models.loading import write_model_files
 from rtteval.pretrain import scoring_for
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.store import write_json_atomic
-from rtteval.train import Batch, TrainConfig, encode_texts, make_batches, train
+from rtteval.train import (
+    Batch,
+    Precision,
+    TrainConfig,
+    cast_for_precision,
+    check_precision,
+    encode_texts,
+    make_batches,
+    train,
+)
 
 #: UnlearnConfig fields that a method's per-scale defaults fill when left as None.
 TRAIN_DEFAULT_KEYS = (
@@ -115,6 +124,7 @@ class UnlearnConfig:
     max_loss: float | None = None
     seed: int = 0
     scale: str | None = None
+    precision: Precision = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +134,7 @@ def resolve_config(cfg: UnlearnConfig, method: Method, scale: str) -> UnlearnCon
     """Fill the unset fields and hyperparameters from the method's defaults for ``scale``."""
     defaults = method.defaults.get(scale) or method.defaults["tiny"]
     method.check_hparams(cfg.hparams)
+    check_precision(cfg.precision)
     out = replace(cfg, method=method.name, scale=scale)
     for k in TRAIN_DEFAULT_KEYS:
         if getattr(out, k) is None and k in defaults:
@@ -360,6 +371,8 @@ class UnlearnResult:
     final_logs: dict[str, float] = field(default_factory=dict)
     forget_source: str = ""
     retain_source: str = ""
+    precision: str = ""
+    precision_warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -393,6 +406,7 @@ def unlearn(
     """
     method = get_method(cfg.method)
     rcfg = resolve_config(cfg, method, cfg.scale or model_scale(model))
+    precision = cast_for_precision(model, rcfg.precision)  # before the reference copy
     prep = prepared or prepare(tokenizer, dataset, method, retain_dataset, rcfg.seed)
     if method.needs_reference and reference is None:
         reference = make_reference(model)
@@ -449,6 +463,7 @@ def unlearn(
         eval_every_steps=rcfg.eval_every_steps,
         eval_every_epochs=None,
         eval_at_start=before is None,
+        precision=rcfg.precision,
     )
     if before is not None and stop(before):
         return UnlearnResult(
@@ -504,6 +519,8 @@ def unlearn(
         final_logs=state["logs"],
         forget_source=prep.forget_source,
         retain_source=prep.retain.source,
+        precision=precision,
+        precision_warnings=result.warnings,
     )
 
 

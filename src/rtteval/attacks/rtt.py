@@ -53,8 +53,12 @@ from rtteval.scoring import (
 )
 from rtteval.train import (
     Ensemble,
+    Precision,
     TrainConfig,
     TrainResult,
+    cast_for_precision,
+    cast_parameters,
+    check_precision,
     encode_texts,
     ensemble_unsupported,
     lm_loss_fn,
@@ -117,6 +121,7 @@ class RTTConfig:
     warmup_steps: int = 0
     train_splits: int | None = None
     seed: int = 0
+    precision: Precision = "auto"
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
@@ -171,6 +176,7 @@ class RTTConfig:
             raise ConfigError("warmup_steps must be >= 0", field="warmup_steps")
         if self.seed < 0:
             raise ConfigError("seed must be >= 0", field="seed")
+        check_precision(self.precision)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -961,9 +967,12 @@ def attack_model(
     t0 = time.perf_counter()
     was_training = model.training
     snapshot = snapshot_state(model)
+    dtypes = [p.dtype for p in model.parameters()]
+    precision = cast_for_precision(model, cfg.precision)  # undone below: model comes back as given
     ensemble = _ensemble_for(model, cfg.lrs, batched)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fold_results: list[FoldAttack] = []
+    warned: set[str] = set()
     try:
         model.eval()
         retain_before = None
@@ -1023,6 +1032,7 @@ def attack_model(
                 grad_clip=cfg.grad_clip,
                 seed=cfg.seed,
                 eval_every_epochs=1,
+                precision=cfg.precision,
             )
             what = f"RTT {label} V={fold.v}"
             if ensemble is not None:  # every lr at once; the model stays at the snapshot
@@ -1053,6 +1063,7 @@ def attack_model(
                     )
             runs = []
             for lr, res in zip(cfg.lrs, results, strict=True):
+                warned.update(res.warnings)
                 runs.append(_run_result(lr, res, max(1, len(batches(0)))))
                 curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
                 say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
@@ -1068,6 +1079,7 @@ def attack_model(
                 )
             )
     finally:
+        cast_parameters(model, dtypes)
         restore_state(model, snapshot)
         model.train(was_training)
     config = cfg.to_dict()
@@ -1081,5 +1093,10 @@ def attack_model(
         folds=fold_results,
         retain_before=retain_before,
         wall_time=time.perf_counter() - t0,
-        meta={"n_retain": len(retain_q), "device": str(next(model.parameters()).device)},
+        meta={
+            "n_retain": len(retain_q),
+            "device": str(next(model.parameters()).device),
+            "precision": precision,
+            "precision_warnings": sorted(warned),
+        },
     )

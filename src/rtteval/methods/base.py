@@ -20,6 +20,7 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from rtteval.config import Precision
 from rtteval.data import Dataset
 from rtteval.errors import ConfigError
 from rtteval.train import Batch, LossFn, batch_logits, nll_loss
@@ -109,6 +110,7 @@ TRAIN_PARAM_TYPES: dict[str, Any] = {
     "max_loss_ratio": num(float, gt=0),
     "max_loss": num(float, gt=0) | None,
     "scale": Literal["tiny", "paper"] | None,
+    "precision": Precision,
 }
 
 _ADAPTERS: dict[Any, TypeAdapter] = {}

@@ -155,11 +155,15 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer by hub id or local path.
 
     ``device_map`` (e.g. ``"auto"``) spreads a large model over several GPUs
     with accelerate; otherwise the model goes to ``device``.
+    ``gradient_checkpointing`` recomputes activations during backward (in
+    training mode only): it trades about a third more compute for the
+    activations' memory (docs/performance.md).
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -182,6 +186,8 @@ def load_model(
         raise UserError(f"could not load model from {name_or_path!s}: {e}") from e
     if device_map is None:
         model.to(dev)
+    if gradient_checkpointing:
+        set_checkpointing(model, True)
     model.eval()
     record_context(model, tok)
     return model, tok
@@ -207,6 +213,36 @@ def write_model_files(
     """Write model (safetensors) and tokenizer into an existing staging directory."""
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Turn Hugging Face activation (gradient) checkpointing on or off.
+
+    Non-reentrant checkpointing: correct when no input requires grad and
+    with frozen layers (RMU).  ``activation_checkpointing_*`` in transformers
+    5, ``gradient_checkpointing_*`` before.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it "
+            "(a Hugging Face model does)"
+        )
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on:
+        kwargs = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # pragma: no cover - transformers 4
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif new:
+        model.activation_checkpointing_disable()
+    else:  # pragma: no cover - transformers 4
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on (any layer)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def save_model(

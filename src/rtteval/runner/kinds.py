@@ -65,7 +65,11 @@ def _load(config: dict[str, Any], deps: list[Dep]) -> tuple[Any, Any]:
         d = _dep(deps, *MODEL_STAGES)
         if d is None or not d.artifacts.get("model"):
             raise RuntimeError("job needs a model from its dependency, which has none")
-        return load_model(d.artifacts["model"], device=rt.get("device", "auto"))
+        return load_model(
+            d.artifacts["model"],
+            device=rt.get("device", "auto"),
+            gradient_checkpointing=bool(rt.get("gradient_checkpointing")),
+        )
     ref = src["id"] if src.get("id") is not None else src["path"]
     return load_model(
         ref,
@@ -73,6 +77,7 @@ def _load(config: dict[str, Any], deps: list[Dep]) -> tuple[Any, Any]:
         device=rt.get("device", "auto"),
         trust_remote_code=bool(src.get("trust_remote_code")),
         device_map=rt.get("device_map"),
+        gradient_checkpointing=bool(rt.get("gradient_checkpointing")),
     )
 
 
@@ -116,6 +121,7 @@ def pretrain_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
         model_preset=config["model_preset"],
         seed=config["seed"],
         exclude_forget=config["exclude_forget"],
+        precision=config.get("precision", "auto"),
         **config["pretrain"],
     )
     m = pretrain(data, job_dir / "model", cfg, progress=False)
@@ -137,7 +143,10 @@ def finetune_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
     from rtteval.pretrain import FinetuneConfig, finetune_facts
 
     data, _ = _data_dirs(config, deps)
-    cfg = FinetuneConfig(**{**config["finetune"], "seed": config["seed"]})
+    cfg = FinetuneConfig(
+        **{**config["finetune"], "seed": config["seed"]},
+        precision=config.get("precision", "auto"),
+    )
     model, tok = _load(config, deps)
     m = finetune_facts(model, tok, load_dataset(data), job_dir / "model", cfg, progress=False)
     _free(model)
@@ -164,7 +173,9 @@ def unlearn_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOu
 
     ds, retain_ds = _datasets(config, deps)
     cfg = apply_point(
-        UnlearnConfig(method=config["method"], seed=config["seed"]),
+        UnlearnConfig(
+            method=config["method"], seed=config["seed"], precision=config.get("precision", "auto")
+        ),
         {**config.get("fixed", {}), **config.get("point", {})},
     )
     model, tok = _load(config, deps)
@@ -260,6 +271,7 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
     rt = config.get("_runtime", {})
     cfg = RTTConfig.from_dict(config["rtt"])
     cfg.folds = [fold]
+    cfg.precision = config.get("precision", "auto")
     scoring = scoring_for(ds, batch_size=int(rt.get("eval_batch_size", 128)))
     model, tok = _load(config, deps)
     attack = get_attack(config["attack"])

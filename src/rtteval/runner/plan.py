@@ -41,6 +41,8 @@ from rtteval.runner.jobs import Job
 #: Placeholder fold used by --dry-run when a dataset's splits are unknown (data not present).
 UNKNOWN_FOLD = "*"
 STAGES = ("world", "finetune", "pretrain", "unlearn", "select", "attack")
+#: Stages that train, so take the study's ``precision``.
+TRAINING_STAGES = ("finetune", "pretrain", "unlearn", "attack")
 
 
 @dataclass
@@ -146,11 +148,17 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
     fake = cfg.debug.fake_jobs
 
     def add(stage: str, name: str, config: dict[str, Any], deps: list[Job], **runtime: Any) -> Job:
+        precision = (cfg.attack.precision if stage == "attack" else None) or cfg.precision
+        if stage in TRAINING_STAGES and precision != "auto":
+            # absent when auto, so the keys of jobs run before precision existed stay valid
+            config = {**config, "precision": precision}
         j = Job.make(stage, name, config, deps, kind="fake" if fake else None)
         if j.key in seen:
             return seen[j.key]
         seen[j.key] = j
         rt = {"device": cfg.device, **runtime}
+        if cfg.gradient_checkpointing:
+            rt["gradient_checkpointing"] = True
         if fake:
             rt.update(sleep=cfg.debug.sleep, fail=name in cfg.debug.fail)
         jobs.append(PlannedJob(j, rt))
