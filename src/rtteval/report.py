@@ -451,6 +451,13 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"invalid JSON: {e.msg}", file=path, line=e.lineno) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read: {e}", file=path) from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"not an rtteval results file (a JSON {type(data).__name__}, not a JSON object)",
+            file=path,
+        )
     if data.get("schema") != SCHEMA or not isinstance(data.get("summary"), list):
         raise UserError(f"not an rtteval results file (schema {data.get('schema')!r})", file=path)
     if int(data.get("schema_version", 0)) > SCHEMA_VERSION:

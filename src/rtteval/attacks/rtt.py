@@ -171,6 +171,16 @@ class RTTConfig:
             raise ConfigError("retain_eval must be epoch, end or none", field="retain_eval")
         if self.train_splits is not None and self.train_splits < 1:
             raise ConfigError("train_splits must be >= 1 (or None: all)", field="train_splits")
+        if self.grad_clip is not None and not (
+            self.grad_clip > 0 and math.isfinite(self.grad_clip)
+        ):
+            raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}", field="grad_clip")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError("weight_decay must be >= 0", field="weight_decay")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps must be >= 0", field="warmup_steps")
+        if self.seed < 0:
+            raise ConfigError("seed must be >= 0", field="seed")
         check_precision(self.precision)
         if self.replicates < 1:
             raise ConfigError("replicates must be >= 1", field="replicates")
