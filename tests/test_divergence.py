@@ -29,6 +29,8 @@ def test_a_diverged_rtt_lr_is_never_the_chosen_point():
         assert block["chosen"]["unlearned_rtt"] == [{"lr": 1e-4, "epoch": 2}]
         assert block["chosen"]["original_rtt"] == [{"lr": 1e-4, "epoch": 2}]
     assert s["unlearned_rtt"] == pytest.approx(0.6) and s["honest"]["unlearned_rtt"] == 0.6
+    # the choice redone inside the bootstrap never picks the diverged lr's 0.9 either
+    assert s["unlearned_rtt_ci"][1] < 0.85, s["unlearned_rtt_ci"]
     md = render_markdown(res)
     section = md.split("## Divergence")[1].split("\n## ")[0]
     rows = [r for r in section.splitlines() if "loss nan at step 13" in r]

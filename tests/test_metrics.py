@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 
 from rtteval.metrics import (
+    Arm,
     CurvePoint,
     bootstrap_mean_ci,
     bootstrap_recovery_ci,
     chance_level,
+    first_argmax,
+    floor_recovery,
+    hierarchical_bootstrap,
+    percentile_ci,
     recovery,
     recovery_raw,
+    rtt_intervals,
     select_honest,
     select_optimistic,
 )
@@ -145,3 +151,87 @@ def test_paired_seeds_never_divide_one_world_by_another():
     assert paired[1] - paired[0] < 0.5 * (mixed[1] - mixed[0])
     with pytest.raises(ValueError, match="equal seed counts"):
         bootstrap_recovery_ci(u, o[:1], 0.0, paired_seeds=True)
+
+
+# --------------------------------------------------------------------------- hierarchical bootstrap
+
+FOLD_OF = np.repeat(np.arange(5), 40)  # 5 folds of 40 questions
+
+
+def _arm(curves: list[np.ndarray]) -> Arm:
+    """Seeds' [G, N] (or [R, G, N]) curves; the fixed choice is each seed's best grid point."""
+    cs = [c if c.ndim == 3 else c[None] for c in curves]
+    return Arm(cs, FOLD_OF, [int(first_argmax(c.mean(axis=(0, 2)))) for c in cs])
+
+
+def _width(ci: tuple[float, float]) -> float:
+    return ci[1] - ci[0]
+
+
+def test_interval_widens_when_seeds_disagree():
+    rng = np.random.default_rng(0)
+    n = FOLD_OF.size
+    agree = _arm([(rng.random((1, n)) < 0.6).astype(float) for _ in range(3)])
+    disagree = _arm([(rng.random((1, n)) < p).astype(float) for p in (0.3, 0.6, 0.9)])
+    assert agree.point() == pytest.approx(disagree.point(), abs=0.05)
+    w_agree = _width(percentile_ci(hierarchical_bootstrap({"x": agree}, n_boot=400)["x"]))
+    w_dis = _width(percentile_ci(hierarchical_bootstrap({"x": disagree}, n_boot=400)["x"]))
+    assert w_dis > 1.5 * w_agree
+    # the components say where it comes from
+    o = _arm([np.ones((1, n))] * 3)
+    comp = rtt_intervals(o, disagree, None, 0.25, select_inside=False, n_boot=300)["components"]
+    assert comp["unlearned_rtt"]["sd_seeds"] > comp["unlearned_rtt"]["sd_questions"]
+    comp = rtt_intervals(o, agree, None, 0.25, select_inside=False, n_boot=300)["components"]
+    assert comp["unlearned_rtt"]["sd_seeds"] < comp["unlearned_rtt"]["sd_questions"]
+
+
+def test_selection_inside_the_bootstrap_widens_a_noisy_grid_only():
+    rng = np.random.default_rng(1)
+    g, n = 15, FOLD_OF.size
+    # every grid point is a coin flip: the best of 15 is optimism, not skill
+    noisy = _arm([(rng.random((g, n)) < 0.5).astype(float) for _ in range(2)])
+    fixed = percentile_ci(hierarchical_bootstrap({"x": noisy}, n_boot=600)["x"])
+    inside = percentile_ci(
+        hierarchical_bootstrap({"x": noisy}, select_inside=True, n_boot=600)["x"]
+    )
+    assert _width(inside) > _width(fixed)
+    assert (
+        inside[0] < fixed[0] - 0.01
+    )  # extends towards the truth (0.5), below the best-of-grid score
+    # one grid point clearly best: the choice never changes, nor does the interval
+    clear = [
+        np.vstack([rng.random((g - 1, n)) < 0.3, rng.random((1, n)) < 0.9]).astype(float)
+        for _ in range(2)
+    ]
+    a = _arm(clear)
+    fixed = percentile_ci(hierarchical_bootstrap({"x": a}, n_boot=300)["x"])
+    inside = percentile_ci(hierarchical_bootstrap({"x": a}, select_inside=True, n_boot=300)["x"])
+    assert inside == fixed
+
+
+def test_replicates_are_averaged_and_their_disagreement_widens_the_interval():
+    rng = np.random.default_rng(2)
+    n = FOLD_OF.size
+    same = (rng.random((1, n)) < 0.6).astype(float)
+    stable = _arm([np.stack([same, same, same])])
+    noisy = _arm([np.stack([(rng.random((1, n)) < p).astype(float) for p in (0.2, 0.6, 1.0)])])
+    assert noisy.point() == pytest.approx(np.mean([c.mean() for c in noisy.curves[0]]))
+    w_stable = _width(percentile_ci(hierarchical_bootstrap({"x": stable}, n_boot=400)["x"]))
+    w_noisy = _width(percentile_ci(hierarchical_bootstrap({"x": noisy}, n_boot=400)["x"]))
+    assert w_noisy > w_stable
+
+
+def test_floor_recovery_is_zero_at_the_floor_and_one_at_the_ceiling():
+    assert floor_recovery(0.4, 0.9, 0.4) == 0.0
+    assert floor_recovery(0.9, 0.9, 0.4) == 1.0
+    assert floor_recovery(0.65, 0.9, 0.4) == pytest.approx(0.5)
+    assert math.isnan(floor_recovery(0.5, 0.4, 0.4))  # a ceiling no higher than the floor
+    # and its interval brackets those values on correctness arrays
+    rng = np.random.default_rng(3)
+    n = FOLD_OF.size
+    c = (rng.random((1, n)) < 0.4).astype(float)
+    o = _arm([np.ones((1, n))] * 2)
+    for u, want in ((c, 0.0), (np.ones((1, n)), 1.0)):
+        r = rtt_intervals(o, _arm([u] * 2), _arm([c] * 2), 0.25, select_inside=True, n_boot=200)
+        lo, hi = r["recovery_floor_ci"]
+        assert lo <= want <= hi and hi - lo < 1e-9

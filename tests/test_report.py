@@ -272,3 +272,56 @@ def test_one_world_per_seed_pairs_seeds_and_carries_regime_info(attacks):
     # different questions with unequal seed counts cannot be paired
     with pytest.raises(ValueError, match="not paired"):
         build_results({"GD": [unlearned, u2]}, [original], control)
+
+
+def test_floor_adjusted_recovery_and_a_control_above_chance_in_words():
+    o = fake_attack("o", 1.0, {1e-3: [1.0]})
+    u = fake_attack("u", 0.25, {1e-3: [0.8]})
+    c = fake_attack("c", 0.25, {1e-3: [0.6]})  # RTT teaches the control 0.35 above chance
+    (s,) = build_results({"m": u}, o, c, n_boot=300)["summary"]
+    assert s["recovery_floor"] == pytest.approx((0.8 - 0.6) / (1.0 - 0.6))
+    assert s["recovery_floor"] < s["recovery"]
+    lo, hi = s["recovery_floor_ci"]
+    assert lo <= s["recovery_floor"] <= hi
+    assert s["control_rtt_ci"][0] > s["chance"]
+    assert set(s["components"]) == {"unlearned_rtt", "recovery", "recovery_floor"}
+    md = render_markdown(build_results({"m": u}, o, c, n_boot=300))
+    assert "its CI lies **above chance**" in md and "floor-adjusted recovery is the primary" in md
+    # a control at chance is said to be at chance
+    c0 = fake_attack("c", 0.25, {1e-3: [0.25]})
+    md = render_markdown(build_results({"m": u}, o, c0, n_boot=300))
+    assert "its CI includes chance" in md and "above chance**" not in md
+
+
+def _with_replicate(a: ModelAttack, acc: float) -> ModelAttack:
+    """``a`` plus a second RTT replicate whose every run scores ``acc``."""
+    d = a.to_dict()
+    d["config"] = {**d["config"], "replicates": 2}
+    for f in d["folds"]:
+        extra = []
+        for r in f["runs"]:
+            r2 = json.loads(json.dumps(r))
+            r2["replicate"] = 1
+            for e in r2["epochs"]:
+                e["v_acc"], e["v_correct"] = acc, "".join("1" if b else "0" for b in _bits(acc))
+            extra.append(r2)
+        f["runs"] += extra
+    return ModelAttack.from_dict(d)
+
+
+def test_replicates_are_averaged_kept_apart_and_widen_the_ci():
+    o = fake_attack("o", 1.0, {1e-3: [1.0]})
+    u = fake_attack("u", 0.25, {1e-3: [0.8]})
+    o2, u2 = _with_replicate(o, 1.0), _with_replicate(u, 0.4)
+    one = build_results({"m": u}, o, n_boot=300)
+    two = build_results({"m": u2}, o2, n_boot=300)
+    s1, s2 = one["summary"][0], two["summary"][0]
+    assert s2["replicates"] == 2 and s2["unlearned_rtt"] == pytest.approx((0.8 + 0.4) / 2)
+    w1 = s1["unlearned_rtt_ci"][1] - s1["unlearned_rtt_ci"][0]
+    w2 = s2["unlearned_rtt_ci"][1] - s2["unlearned_rtt_ci"][0]
+    assert w2 > w1
+    # results.json keeps every replicate's curve
+    rec = next(a for a in two["attacks"] if a["role"] == "unlearned")
+    assert sorted(r["replicate"] for r in rec["folds"][0]["runs"]) == [0, 1]
+    back = ModelAttack.from_dict(json.loads(json.dumps(rec)))
+    assert back.correct_grid([(1e-3, 1)]).shape == (2, 1, 2 * N)

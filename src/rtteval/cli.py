@@ -16,6 +16,16 @@ from rich.console import Console
 from rich.table import Table
 
 from rtteval.cli_attack import attack_cmd, findings_cmd, report_cmd
+from rtteval.cli_options import (
+    ACCURACY,
+    COUNT,
+    COUNT0,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    check_device_option,
+    show_ranges,
+)
 from rtteval.cli_run import run_cmd, status_cmd
 from rtteval.cli_unlearn import unlearn_cmd
 from rtteval.errors import UserError
@@ -56,13 +66,17 @@ def data_check(
 @app.command()
 def world(
     out: Annotated[Path, typer.Option(help="directory to write the world into")],
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed", parser=SEED)] = 0,
     preset: Annotated[str, typer.Option(help="world preset (small, tiny, bios)")] = "small",
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Write a synthetic world of facts in the paper's dataset layout."""
-    from rtteval.data.world import write_world
+    from rtteval.data.world import PRESETS, write_world
 
+    if preset not in PRESETS:
+        raise UserError(
+            f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}", file="--preset"
+        )
     path = write_world(out, seed=seed, preset=preset, overwrite=overwrite)
     manifest = json.loads((path / "manifest.json").read_text())
     print(json.dumps({"out": str(path), "counts": manifest.get("counts", {})}))
@@ -74,15 +88,21 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="model output directory")],
     exclude_forget: Annotated[bool, typer.Option(help="build the never-learned control")] = False,
     model_preset: Annotated[str, typer.Option(help="tiny model preset")] = "tiny-1m",
-    lr: Annotated[float, typer.Option()] = 3e-3,
-    batch_size: Annotated[int, typer.Option()] = 64,
-    max_epochs: Annotated[int, typer.Option()] = 120,
-    target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
+    lr: Annotated[float, typer.Option(parser=POSITIVE)] = 3e-3,
+    batch_size: Annotated[int, typer.Option(parser=COUNT)] = 64,
+    max_epochs: Annotated[int, typer.Option(parser=COUNT)] = 120,
+    target: Annotated[
+        float, typer.Option(help="stop when accuracy reaches this", parser=ACCURACY)
+    ] = 0.97,
     anneal_epochs: Annotated[
-        int, typer.Option(help="then this many epochs with the lr decaying linearly to 0")
+        int,
+        typer.Option(
+            help="then this many epochs with the lr decaying linearly to 0 (0: no anneal)",
+            parser=COUNT0,
+        ),
     ] = 10,
-    seed: Annotated[int, typer.Option()] = 0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    seed: Annotated[int, typer.Option(parser=SEED)] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Pretrain a tiny Llama from scratch on a world until the facts are known, then anneal."""
@@ -116,13 +136,18 @@ def finetune(
     model: Annotated[str, typer.Option(help="base model dir (normally the never-learned control)")],
     world: Annotated[str, typer.Option(help="world (dataset) directory")],
     out: Annotated[Path, typer.Option(help="output model directory")],
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    max_epochs: Annotated[int, typer.Option()] = 80,
+    lr: Annotated[float, typer.Option(parser=POSITIVE)] = 1e-3,
+    max_epochs: Annotated[int, typer.Option(parser=COUNT)] = 80,
     replay_ratio: Annotated[
-        float, typer.Option(help="retain passages replayed per forget passage")
+        float,
+        typer.Option(
+            help="retain passages replayed per forget passage (0: none)", parser=NON_NEGATIVE
+        ),
     ] = 0.5,
-    target: Annotated[float, typer.Option(help="stop when accuracy reaches this")] = 0.97,
-    seed: Annotated[int, typer.Option()] = 0,
+    target: Annotated[
+        float, typer.Option(help="stop when accuracy reaches this", parser=ACCURACY)
+    ] = 0.97,
+    seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
@@ -149,15 +174,23 @@ def eval_cmd(
     letter_format: Annotated[
         str, typer.Option(help="paper ('A. '), bare ('A') or space (' A')")
     ] = "paper",
-    batch_size: Annotated[int, typer.Option()] = 32,
-    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[int, typer.Option(parser=COUNT)] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
 ) -> None:
     """Accuracy of a model on every split of a dataset, as JSON."""
     from rtteval.data import load_dataset
     from rtteval.models import load_model
     from rtteval.pretrain import scoring_for
-    from rtteval.scoring import evaluate_mcq
+    from rtteval.scoring import LETTER_FORMATS, evaluate_mcq
 
+    check_device_option(device)
+    if mode is not None and mode not in ("letter", "calibrated", "likelihood"):
+        raise UserError(f"{mode!r}: use letter, calibrated or likelihood", file="--mode")
+    if letter_format not in LETTER_FORMATS and "{letter}" not in letter_format:
+        raise UserError(
+            f"{letter_format!r}: use {', '.join(LETTER_FORMATS)} or a template with {{letter}}",
+            file="--letter-format",
+        )
     ds = load_dataset(data)
     m, tok = load_model(model, device=device)
     sc = scoring_for(ds, batch_size=batch_size)
@@ -223,6 +256,9 @@ def _models_table(results: dict) -> Table:
     return t
 
 
+show_ranges(app)
+
+
 def main() -> None:
     """Entry point: user errors become one stderr line and exit status 2."""
     try:
@@ -243,10 +279,22 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:
         # usage errors (unknown option, bad value) from typer's click layer
-        if hasattr(e, "exit_code") and hasattr(e, "show"):
-            e.show()
+        if hasattr(e, "exit_code") and hasattr(e, "format_message"):
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `rtteval` / `rtteval data`
+                e.show()
+            else:
+                print(f"rtteval: error: {_usage_line(e)}", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
+
+
+def _usage_line(e: Exception) -> str:
+    """A click usage error as one line, with where to find the command's help."""
+    msg = " ".join(e.format_message().split()).replace("Value error, ", "")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and getattr(ctx, "command_path", None):
+        msg += f" (see '{ctx.command_path} --help')"
+    return msg
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from rtteval.cli_options import COUNT, COUNT0, POSITIVE, SEED, Number, check_device_option
 from rtteval.errors import ConfigError, UserError
 from rtteval.outputs import OVERWRITE_HELP, ResumableOutput
 
@@ -34,13 +35,14 @@ def _floats(text: str | None, name: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+        vals = [POSITIVE(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
         raise ConfigError(
-            f"expected a comma-separated list of numbers, got {text!r}", field=name
+            f"expected a comma-separated list of finite numbers > 0, got {text!r} ({e})",
+            file=f"--{name}",
         ) from None
     if not vals:
-        raise ConfigError("empty list", field=name)
+        raise ConfigError("empty list", file=f"--{name}")
     return vals
 
 
@@ -71,8 +73,8 @@ def attack_cmd(
         bool, typer.Option(help="start from the paper's 8B preset (docs/paper-fidelity.md)")
     ] = False,
     lrs: Annotated[str | None, typer.Option(help="comma-separated learning rates")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(parser=COUNT)] = None,
+    batch_size: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
     loss: Annotated[
         str | None, typer.Option(help="auto, mcq (paper), mcq_answer, qa or corpus")
@@ -82,13 +84,16 @@ def attack_cmd(
     ] = None,
     holdout_fraction: Annotated[
         float | None,
-        typer.Option(help="share of T held out for the honest attacker (0: the paper's protocol)"),
+        typer.Option(
+            help="share of T held out for the honest attacker (0: the paper's protocol)",
+            parser=Number(float, ge=0, lt=1),
+        ),
     ] = None,
     overlap: Annotated[
         str | None, typer.Option(help="T questions whose text is a V question: drop or error")
     ] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int | None, typer.Option(parser=SEED)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     precision: Annotated[
         str | None,
         typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, bf16-pure or fp16"),
@@ -96,9 +101,13 @@ def attack_cmd(
     method_name: Annotated[
         str | None, typer.Option(help="label of the unlearned model in the report")
     ] = None,
-    eval_batch_size: Annotated[int, typer.Option(help="questions per scoring batch")] = 128,
-    n_boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    eval_batch_size: Annotated[
+        int, typer.Option(help="questions per scoring batch", parser=COUNT)
+    ] = 128,
+    n_boot: Annotated[
+        int, typer.Option(help="bootstrap resamples (0: no confidence intervals)", parser=COUNT0)
+    ] = 1000,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     resume: Annotated[bool, typer.Option(help="reuse finished attacks found in OUT")] = True,
     overwrite: Annotated[
         bool, typer.Option(help=OVERWRITE_HELP + " (recomputes every attack)")
@@ -121,11 +130,12 @@ def attack_cmd(
     from rtteval.store import write_json_atomic
     from rtteval.train import check_precision
 
+    check_device_option(device)
     if threads:
         torch.set_num_threads(threads)
     if attack not in ATTACKS:
         raise ConfigError(
-            f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", field="--attack"
+            f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", file="--attack"
         )
     runner = get_attack(attack)
     given: dict[str, Any] = {
@@ -146,17 +156,31 @@ def attack_cmd(
     for k in given:
         if k not in own:
             raise ConfigError(
-                f"attack {attack!r} has no setting {k!r}", field="--" + k.replace("_", "-")
+                f"attack {attack!r} has no setting {k!r}", file="--" + k.replace("_", "-")
             )
-    try:
+    try:  # name the option, not the config's field
         spec = runner.config_type.model_validate({"name": attack, **given})
+        settings = spec.resolved(seed if seed is not None else 0)
     except ValidationError as e:
         err = e.errors()[0]
         where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "--attack"
-        raise ConfigError(err["msg"].removeprefix("Value error, "), field=where) from None
-    settings = {**spec.resolved(seed if seed is not None else 0), "precision": precision or "auto"}
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] != "value_error" and "input" in err:
+            msg += f" (got {err['input']!r})"
+        raise ConfigError(msg, file=where) from None
+    except ConfigError as e:
+        if e.field and e.file is None:
+            raise ConfigError(e.message, file="--" + e.field.replace("_", "-")) from None
+        raise
+    settings["precision"] = precision or "auto"
     fold_list = [f.strip() for f in folds.split(",") if f.strip()] if folds else None
     ds = load_dataset(data)
+    unknown = [f for f in fold_list or [] if f not in ds.splits]
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)}: not a forget split of {ds.root} ({', '.join(ds.split_names)})",
+            file="--folds",
+        )
     scoring = scoring_for(ds, batch_size=eval_batch_size)
     r_name = retain_eval_name(ds)
     retain = ds.retain[r_name] if r_name else []

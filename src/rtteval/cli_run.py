@@ -31,7 +31,7 @@ def run_cmd(
     config: Annotated[Path, typer.Argument(help="study config (YAML)")],
     overrides: Annotated[
         list[str] | None,
-        typer.Argument(help="dotted key=value overrides, e.g. attack.epochs=2 seeds=[0,1]"),
+        typer.Argument(help="dotted key=value overrides, e.g. attacks.0.epochs=2 seeds=[0,1]"),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print the job plan and count; run nothing")
@@ -49,13 +49,15 @@ def run_cmd(
     loaded = load_config(config, ov, check_paths=not dry_run)
     for w in loaded.warnings:
         _say(f"warning: {w}")
-    if dry_run:
-        _print_plan(loaded)
-        return
     from rtteval.runner.driver import run_study
 
     try:
+        if dry_run:
+            _print_plan(loaded)
+            return
         summary = run_study(loaded, say=_say)
+    except UserError as e:  # a check that needs the data (fold names ...): name the config line
+        raise loaded.locate(e) from None
     except KeyboardInterrupt:
         resume = ["rtteval", "run", str(config), *(overrides or [])]
         if executor is not None:

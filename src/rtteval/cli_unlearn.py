@@ -17,6 +17,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rtteval.cli_options import (
+    COUNT,
+    COUNT0,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    check_device_option,
+)
 from rtteval.errors import ConfigError
 from rtteval.outputs import OVERWRITE_HELP
 
@@ -32,19 +41,46 @@ def _load_grid(spec: str | None) -> dict[str, list[Any]] | None:
     if not spec.lstrip().startswith("{"):
         if not path.is_file():
             raise ConfigError(f"--grid {spec!r}: neither inline JSON nor an existing file")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --grid file: {e}", file=path) from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from rtteval.config import load_yaml
 
-            grid = yaml.safe_load(text)
+            grid = load_yaml(text, str(path))
         else:
             grid = json.loads(text)
-    except Exception as e:  # json / yaml parse errors
+    except ConfigError:
+        raise
+    except Exception as e:  # json parse errors
         raise ConfigError(f"--grid {spec!r}: cannot parse: {e}") from e
     if not isinstance(grid, dict):
         raise ConfigError("--grid must be a mapping of parameter name to a list of values")
     return grid
+
+
+def _check_grid(method_cls: Any, grid: dict[str, Any] | None) -> None:
+    """Every ``--grid`` key is a setting of the method and every value fits its declared type."""
+    from dataclasses import fields
+
+    from rtteval.unlearn import UnlearnConfig
+
+    allowed = {f.name for f in fields(UnlearnConfig)} - {"method", "hparams", "seed"}
+    allowed |= set(method_cls.hparam_names)
+    for k, vs in (grid or {}).items():
+        if k not in allowed:
+            raise ConfigError(
+                f"method {method_cls.name!r} has no setting {k!r}; it takes "
+                f"{', '.join(sorted(allowed))}",
+                file="--grid",
+            )
+        if not isinstance(vs, list) or not vs:
+            raise ConfigError(f"must be a non-empty list, got {vs!r}", file="--grid", field=k)
+        for v in vs:
+            if err := method_cls.param_error(k, v):
+                raise ConfigError(err, file="--grid", field=k)
 
 
 def _fmt(v: Any) -> str:
@@ -90,15 +126,21 @@ def unlearn_cmd(
         str | None,
         typer.Option(help="dataset with retain data (needed when --data is not a world)"),
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate (default: per method)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="passes over the forget text")] = None,
-    max_steps: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="learning rate (default: per method)", parser=POSITIVE)
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="passes over the forget text", parser=COUNT)
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="default: per method and model scale (32 tiny, 4 paper)")
+        int | None,
+        typer.Option(help="default: per method and model scale (32 tiny, 4 paper)", parser=COUNT),
     ] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
     adam_eps: Annotated[
-        float | None, typer.Option(help="AdamW's ε (default: 1e-4 tiny models, else 1e-8)")
+        float | None,
+        typer.Option(help="AdamW's ε (default: 1e-4 tiny models, else 1e-8)", parser=POSITIVE),
     ] = None,
     train_only: Annotated[
         str | None,
@@ -107,35 +149,56 @@ def unlearn_cmd(
             "substrings, or 'all' (default: embed_tokens on tiny models, else all)"
         ),
     ] = None,
-    retain_coef: Annotated[float | None, typer.Option(help="λ, weight of the retain NLL")] = None,
-    steering_coef: Annotated[float | None, typer.Option(help="RMU: c (absolute)")] = None,
-    alpha: Annotated[float | None, typer.Option(help="RMU: retain weight α")] = None,
-    layer: Annotated[int | None, typer.Option(help="RMU: layer ℓ")] = None,
-    beta: Annotated[float | None, typer.Option(help="NPO / SimNPO: β")] = None,
-    delta: Annotated[float | None, typer.Option(help="SimNPO: margin δ")] = None,
-    target_forget_acc: Annotated[
-        float | None, typer.Option(help="stop once forget accuracy is at most this")
+    retain_coef: Annotated[
+        float | None,
+        typer.Option(help="λ, weight of the retain NLL (0: no retain loss)", parser=NON_NEGATIVE),
     ] = None,
-    eval_every_steps: Annotated[int, typer.Option()] = 10,
+    steering_coef: Annotated[
+        float | None, typer.Option(help="RMU: c (absolute)", parser=POSITIVE)
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="RMU: retain weight α (0: no retain loss)", parser=NON_NEGATIVE),
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="RMU: layer ℓ (0: the first)", parser=COUNT0)
+    ] = None,
+    beta: Annotated[float | None, typer.Option(help="NPO / SimNPO: β", parser=POSITIVE)] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(help="SimNPO: margin δ (0: no margin, the default)", parser=NON_NEGATIVE),
+    ] = None,
+    target_forget_acc: Annotated[
+        float | None,
+        typer.Option(
+            help="stop once forget accuracy is at most this (0: only at zero)", parser=FRACTION
+        ),
+    ] = None,
+    eval_every_steps: Annotated[int, typer.Option(parser=COUNT)] = 10,
     sweep: Annotated[bool, typer.Option(help="run the method's grid and select")] = False,
     grid: Annotated[
         str | None, typer.Option(help="sweep grid: inline JSON or a JSON/YAML file")
     ] = None,
     retain_threshold: Annotated[
-        float, typer.Option(help="sweep: keep points with retain >= original - this")
+        float,
+        typer.Option(
+            help="sweep: keep points with retain >= original - this (0: no retain loss allowed)",
+            parser=FRACTION,
+        ),
     ] = 0.05,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option()] = "auto",
+    seed: Annotated[int, typer.Option(parser=SEED)] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, bf16-pure or fp16")
     ] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Unlearn the forget splits of a dataset; write the model and metrics.json."""
     from rtteval.methods import get_method
     from rtteval.unlearn import UnlearnConfig, run_unlearn
 
+    check_device_option(device)
     get_method(method)
     if optimizer is not None and optimizer not in ("adamw", "lion"):
         raise ConfigError(f"--optimizer {optimizer!r}: use adamw or lion")
@@ -153,6 +216,8 @@ def unlearn_cmd(
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
         raise ConfigError(f"{flags} does not apply to method {cls.name!r}")
+    grid_values = _load_grid(grid)
+    _check_grid(cls, grid_values)
     only = None
     if train_only is not None:
         only = [] if train_only.strip() == "all" else [s.strip() for s in train_only.split(",")]
@@ -168,7 +233,7 @@ def unlearn_cmd(
     metrics, sweep_res = run_unlearn(
         model, data, out, cfg,
         retain_data_path=retain_data, do_sweep=sweep or grid is not None,
-        grid=_load_grid(grid), retain_threshold=retain_threshold, device=device,
+        grid=grid_values, retain_threshold=retain_threshold, device=device,
         progress=sys.stdout.isatty(),  # train()'s bar prints to stdout; keep piped JSON clean
         overwrite=overwrite,
     )  # fmt: skip

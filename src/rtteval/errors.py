@@ -35,7 +35,8 @@ class UserError(Exception):
             where = self.file if self.line is None else f"{self.file}:{self.line}"
             where += ": "
         what = f"field '{self.field}': " if self.field else ""
-        return f"{where}{what}{self.message}"
+        # one line whatever the message holds (a library's multi-line error text included)
+        return " ".join(f"{where}{what}{self.message}".split())
 
 
 class DataError(UserError):

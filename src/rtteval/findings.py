@@ -48,15 +48,20 @@ from rtteval.attacks.records import ModelAttack
 from rtteval.metrics import (
     CI_LEVEL,
     N_BOOT,
-    _boot_means,
-    _percentile_ci,
+    Arm,
+    boot_means,
     bootstrap_mean_ci,
     bootstrap_recovery_ci,
+    hierarchical_bootstrap,
+    percentile_ci,
     recovery,
     select_optimistic,
 )
-from rtteval.report import _clean, _fmt, _fmt_ci, _Picked, load_results
-from rtteval.report import _md_table as _report_md_table
+from rtteval.report import Picked, load_results
+from rtteval.report import clean_json as _clean
+from rtteval.report import fmt as _fmt
+from rtteval.report import fmt_ci as _fmt_ci
+from rtteval.report import md_table as _report_md_table
 from rtteval.store import write_json_atomic, write_text_atomic
 
 SCHEMA = "rtteval-findings"
@@ -75,7 +80,9 @@ VERDICT_MORE = "finetuned facts recover more (disagrees with the paper)"
 VERDICT_SAME = "no clear difference (CI of the difference includes 0)"
 VERDICT_UNDEFINED = "undefined (recovery or its CI is missing in a regime)"
 DIFF_CI_METHOD = (
-    "percentile bootstrap, selected (lr, epoch) held fixed; within a regime questions are drawn "
+    "hierarchical percentile bootstrap (seeds, then folds, then questions and RTT replicates); "
+    "the optimistic attacker's (lr, epoch) is chosen again in every resample and scored on an "
+    "independent draw, the honest one's is held fixed; within a regime questions are drawn "
     "jointly for Unlearned+RTT and Original+RTT and seeds per model (jointly when each seed is "
     "its own world); across regimes the draws are shared when both score the same facts "
     "(`resampling`: same questions / paired worlds), else independent"
@@ -86,6 +93,7 @@ _RULE_KEYS = (
     "control_rtt",
     "recovery",
     "recovery_raw",
+    "recovery_floor",
 )
 
 
@@ -280,6 +288,9 @@ class RecoveryArm:
     chance: float
     u_ids: list[list[str]] | None = None
     o_ids: list[list[str]] | None = None
+    u_arm: Arm | None = None
+    o_arm: Arm | None = None
+    select_inside: bool = False
 
     @property
     def paired(self) -> bool:
@@ -323,8 +334,8 @@ def _boot_arm(
     """Bootstrap recoveries of one regime (questions shared by U and O, as the report does)."""
     if s_idx is None and arm.paired:
         s_idx = rng.integers(0, arm.u.shape[0], size=(q_idx.shape[0], arm.u.shape[0]))
-    ub = _boot_means(arm.u, q_idx, rng, True, s_idx)
-    ob = _boot_means(arm.o, q_idx, rng, True, s_idx)
+    ub = boot_means(arm.u, q_idx, rng, True, s_idx)
+    ob = boot_means(arm.o, q_idx, rng, True, s_idx)
     den = ob - arm.chance
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, (ub - arm.chance) / np.where(den > 0, den, 1.0), np.nan)
@@ -348,6 +359,9 @@ def recovery_difference_ci(
     positive correlation between the regimes and so can only widen the CI).
     """
     mode = resampling(pretrained, finetuned)
+    arms = [pretrained.u_arm, pretrained.o_arm, finetuned.u_arm, finetuned.o_arm]
+    if all(a is not None for a in arms):
+        return _hierarchical_difference(pretrained, finetuned, mode, n_boot, seed, level), mode
     rng = np.random.default_rng(seed)
     n_pt, n_ft = pretrained.u.shape[1], finetuned.u.shape[1]
     q_pt = rng.integers(0, n_pt, size=(n_boot, n_pt))
@@ -356,7 +370,44 @@ def recovery_difference_ci(
     if mode == "paired worlds":
         s_idx = rng.integers(0, pretrained.u.shape[0], size=(n_boot, pretrained.u.shape[0]))
     diff = _boot_arm(finetuned, q_ft, s_idx, rng) - _boot_arm(pretrained, q_pt, s_idx, rng)
-    return _percentile_ci(diff, level), mode
+    return percentile_ci(diff, level), mode
+
+
+def _hierarchical_difference(
+    pt: RecoveryArm, ft: RecoveryArm, mode: str, n_boot: int, seed: int, level: float
+) -> tuple[float, float]:
+    """The difference's CI from :func:`rtteval.metrics.hierarchical_bootstrap`.
+
+    Shared draws put all four arms in one call (paired seeds for paired
+    worlds); independent regimes get one call each.
+    """
+
+    def rec(b: Mapping[str, np.ndarray], k: str, chance: float) -> np.ndarray:
+        den = b[f"o_{k}"] - chance
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den > 0, (b[f"u_{k}"] - chance) / np.where(den > 0, den, 1.0), np.nan)
+
+    arms: dict[str, Arm] = {}
+    inside: dict[str, bool] = {}
+    for k, r in (("pt", pt), ("ft", ft)):
+        for role, arm in (("u", r.u_arm), ("o", r.o_arm)):
+            assert arm is not None
+            arms[f"{role}_{k}"], inside[f"{role}_{k}"] = arm, r.select_inside
+    if mode != "independent" and np.array_equal(arms["u_pt"].fold_of, arms["u_ft"].fold_of):
+        paired = mode == "paired worlds"
+        b = hierarchical_bootstrap(
+            arms, paired=paired, seed=seed, n_boot=n_boot, select_inside=inside
+        )
+    else:
+        b = {}
+        for i, (k, r) in enumerate((("pt", pt), ("ft", ft))):
+            sub = {n: a for n, a in arms.items() if n.endswith(k)}
+            paired = r.paired and len({a.n_seeds for a in sub.values()}) == 1
+            ins = {n: inside[n] for n in sub}
+            b |= hierarchical_bootstrap(
+                sub, paired=paired, seed=seed + i, n_boot=n_boot, select_inside=ins
+            )
+    return percentile_ci(rec(b, "ft", ft.chance) - rec(b, "pt", pt.chance), level)
 
 
 def verdict(diff_ci: Sequence[float | None] | None) -> str:
@@ -380,7 +431,7 @@ def _picked_arm(g: _Group | None, method: str, rule: str, chance: float) -> Reco
     """U+RTT and O+RTT at each seed's selected point, exactly as build_results picks them."""
     if g is None or not g.original or method not in g.methods:
         return None
-    u, o = _Picked(g.methods[method], rule), _Picked(g.original, rule)
+    u, o = Picked(g.methods[method], rule), Picked(g.original, rule)
     if u.correct is None or o.correct is None:
         return None
     return RecoveryArm(
@@ -389,6 +440,9 @@ def _picked_arm(g: _Group | None, method: str, rule: str, chance: float) -> Reco
         chance,
         _row_ids(g.methods[method], u.correct),
         _row_ids(g.original, o.correct),
+        u.arm,
+        o.arm,
+        rule == "optimistic",
     )
 
 
@@ -764,11 +818,13 @@ def _regime_table(rows: Sequence[Mapping[str, Any]]) -> str:
                     _ci_of(b, "unlearned_rtt"),
                     _ci_of(b, "control_rtt"),
                     _ci_of(b, "recovery"),
+                    _ci_of(b, "recovery_floor"),
                 ]
             )
     return _md_table(
         ["dataset", "method", "selection", "seeds", "chance", "Original", "Unlearned",
-         "Original+RTT (ceiling)", "Unlearned+RTT", "Control+RTT (floor)", "recovery"],
+         "Original+RTT (ceiling)", "Unlearned+RTT", "Control+RTT (floor)", "recovery",
+         "floor-adj. recovery"],
         body,
     )  # fmt: skip
 
@@ -912,9 +968,12 @@ def render_markdown(findings: Mapping[str, Any]) -> str:
         "# RTT findings",
         "",
         "The paper's findings in miniature, computed from results.json. **Recovery** = "
-        "(Unlearned+RTT − chance) / (Original+RTT − chance). Brackets: bootstrap 95% CIs over "
-        "questions and seeds. *Optimistic*: (lr, epoch) chosen on V (the paper's attacker); "
-        "*honest*: chosen on a held-out slice of T.",
+        "(Unlearned+RTT − chance) / (Original+RTT − chance); **floor-adj. recovery** = "
+        "(Unlearned+RTT − Control+RTT) / (Original+RTT − Control+RTT), the primary number where "
+        "a control exists (the control measures what RTT teaches rather than reveals). "
+        "Brackets: hierarchical bootstrap 95% CIs over seeds, folds and questions, the optimistic "
+        "choice redone in every resample. *Optimistic*: (lr, epoch) chosen on V (the paper's "
+        "attacker); *honest*: chosen on a held-out slice of T.",
         "",
         "## Datasets",
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,21 @@ def test_attack_model_curves_and_restores_weights(world: Dataset, fresh):
     # round trip through JSON
     back = ModelAttack.from_dict(json.loads(json.dumps(a.to_dict())))
     assert back.to_dict() == a.to_dict()
+
+
+def test_replicates_rerun_each_lr_with_a_new_data_order(world: Dataset, fresh):
+    model, tok = fresh
+    base = RTTConfig(lrs=[1e-3, 3e-3], epochs=1, folds=["split_2"], batch_size=8)
+    one = attack_model(model, tok, world, base, scoring_for(world))
+    two = attack_model(model, tok, world, replace(base, replicates=2), scoring_for(world))
+    runs = two.folds[0].runs
+    assert [(r.lr, r.replicate) for r in runs] == [(1e-3, 0), (3e-3, 0), (1e-3, 1), (3e-3, 1)]
+    assert "replicates" not in one.config and two.replicates == 2
+    # replicate 0 is the run without replicates; replicate 1 saw the batches in another order
+    assert runs[0].epochs == one.folds[0].runs[0].epochs
+    assert runs[2].epochs[0].loss != runs[0].epochs[0].loss
+    assert two.correct_grid(two.grid()).shape == (2, 2, 8)
+    assert two.correct_at(1e-3, 1) == pytest.approx(two.correct_grid([(1e-3, 1)]).mean(axis=0)[0])
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])

@@ -43,6 +43,7 @@ class FakeHub:
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     fake = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr("rtteval.data.hub.hub_reachable", lambda: True)  # the fake hub answers
     return fake
 
 
@@ -63,6 +64,7 @@ def test_download(hub: FakeHub, tmp_path: Path) -> None:
             "revision": None,
             "allow_patterns": ["*.jsonl", "manifest.json"],
             "cache_dir": str(tmp_path / "cache"),
+            "local_files_only": False,
         }
     ]
     ds = load_dataset("hf://owner/name")
@@ -142,3 +144,12 @@ def test_bugs_are_not_swallowed(hub: FakeHub) -> None:
     hub.error = KeyError("a bug, not a download problem")
     with pytest.raises(KeyError):
         resolve_dataset_path("hf://owner/name")
+
+
+def test_unreachable_hub_uses_only_the_cache(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: one quick look in the local cache, and a message that says why it failed."""
+    monkeypatch.setattr("rtteval.data.hub.hub_reachable", lambda: False)
+    hub.error = LocalEntryNotFoundError("not in the cache")
+    with pytest.raises(DataError, match="unreachable and the local cache has no copy"):
+        resolve_dataset_path("hf://owner/name")
+    assert hub.calls[-1]["local_files_only"] is True

@@ -49,7 +49,8 @@ class AttackConfig(BaseModel):
     it in its config dict.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # as the study config's: `epochs: true` is not 1 epoch, no inf/nan anywhere
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str
     folds: list[str] | None = Field(None, min_length=1)

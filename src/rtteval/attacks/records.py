@@ -66,7 +66,7 @@ class EpochEval:
 
 @dataclass
 class RunResult:
-    """One (fold, learning rate) fine-tuning run: its curve, epoch 1 onwards."""
+    """One (fold, learning rate, replicate) fine-tuning run: its curve, epoch 1 onwards."""
 
     lr: float
     status: str
@@ -74,10 +74,12 @@ class RunResult:
     steps: int = 0
     wall_time: float = 0.0
     message: str = ""
+    replicate: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "lr": self.lr,
+            "replicate": self.replicate,
             "status": self.status,
             "steps": self.steps,
             "wall_time": self.wall_time,
@@ -94,6 +96,7 @@ class RunResult:
             steps=int(d.get("steps", 0)),
             wall_time=float(d.get("wall_time", 0.0)),
             message=d.get("message", ""),
+            replicate=int(d.get("replicate", 0)),
         )
 
 
@@ -109,11 +112,11 @@ class FoldAttack:
     runs: list[RunResult]
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def point(self, lr: float, epoch: int) -> EpochEval | None:
+    def point(self, lr: float, epoch: int, replicate: int = 0) -> EpochEval | None:
         if epoch == 0:
             return self.before
         for r in self.runs:
-            if r.lr == lr:
+            if r.lr == lr and r.replicate == replicate:
                 for e in r.epochs:
                     if e.epoch == epoch:
                         return e
@@ -161,19 +164,31 @@ class ModelAttack:
         return [float(x) for x in self.config["lrs"]]
 
     @property
+    def replicates(self) -> int:
+        return int(self.config.get("replicates", 1))
+
+    @property
     def question_ids(self) -> list[str]:
         return [q for f in self.folds for q in f.question_ids]
+
+    def _points(self, lr: float, epoch: int) -> list[list[EpochEval | None]]:
+        """``[replicate][fold]`` evaluations at one grid point (epoch 0: the shared "before")."""
+        reps = 1 if epoch == 0 else self.replicates
+        return [[f.point(lr, epoch, r) for f in self.folds] for r in range(reps)]
 
     @property
     def n_choices(self) -> list[int]:
         return [k for f in self.folds for k in f.n_choices]
 
     def grid(self) -> list[tuple[float, int]]:
-        """(lr, epoch) points, epoch >= 1, that every fold reached (diverged runs end early)."""
+        """(lr, epoch) points, epoch >= 1, that every fold and replicate reached.
+
+        Diverged runs end early.
+        """
         out = []
         for lr in self.lrs:
             for ep in range(1, int(self.config["epochs"]) + 1):
-                if all(f.point(lr, ep) is not None for f in self.folds):
+                if all(e is not None for evs in self._points(lr, ep) for e in evs):
                     out.append((lr, ep))
         return out
 
@@ -188,6 +203,7 @@ class ModelAttack:
         ``diverged`` (epoch 0, the model before the attack, never is), which keeps it
         out of selection: the evaluations before the blow-up are of a run
         the attacker would have discarded.
+        With replicates, each accuracy is their mean.
         """
         pts = []
         bad = self.diverged_lrs()
@@ -195,8 +211,8 @@ class ModelAttack:
         if include_before:
             keys = [(lr, 0) for lr in self.lrs] + keys
         for lr, ep in keys:
-            evs = [f.point(lr, ep) for f in self.folds]
-            v = np.concatenate([np.asarray(e.v_correct, float) for e in evs])  # type: ignore[union-attr]
+            evs = [e for rep in self._points(lr, ep) for e in rep]
+            v = self.correct_at(lr, ep)
             hs = [e.holdout_correct for e in evs if e is not None and e.holdout_correct]
             h = float(np.concatenate([np.asarray(x, float) for x in hs]).mean()) if hs else None
             rs = [e.retain_acc for e in evs if e is not None and e.retain_acc is not None]
@@ -209,18 +225,33 @@ class ModelAttack:
         return pts
 
     def correct_at(self, lr: float, epoch: int) -> np.ndarray:
-        """0/1 correctness on all V questions (folds concatenated) at one grid point."""
-        evs = [f.point(lr, epoch) for f in self.folds]
-        if any(e is None for e in evs):
-            raise KeyError(f"{self.label}: no evaluation at lr={lr}, epoch={epoch} in every fold")
-        return np.concatenate([np.asarray(e.v_correct, float) for e in evs])  # type: ignore[union-attr]
+        """0/1 correctness on all V questions (folds concatenated) at one grid point.
+
+        With replicates, the mean over them (a fraction per question).
+        """
+        return self.correct_grid([(lr, epoch)]).mean(axis=0)[0]
+
+    def correct_grid(self, grid: Sequence[tuple[float, int]]) -> np.ndarray:
+        """Correctness ``[replicates, len(grid), questions]`` (epoch 0 repeated per replicate)."""
+        out = np.zeros((self.replicates, len(grid), len(self.question_ids)))
+        for gi, (lr, epoch) in enumerate(grid):
+            for ri in range(self.replicates):
+                evs = [f.point(lr, epoch, 0 if epoch == 0 else ri) for f in self.folds]
+                if any(e is None for e in evs):
+                    raise KeyError(
+                        f"{self.label}: no evaluation at lr={lr}, epoch={epoch}, replicate {ri} "
+                        "in every fold"
+                    )
+                out[ri, gi] = np.concatenate([np.asarray(e.v_correct, float) for e in evs])  # type: ignore[union-attr]
+        return out
 
     def retain_at(self, lr: float, epoch: int) -> float | None:
         if epoch == 0:
             return self.retain_before
         rs = [
             e.retain_acc
-            for e in (f.point(lr, epoch) for f in self.folds)
+            for rep in self._points(lr, epoch)
+            for e in rep
             if e is not None and e.retain_acc is not None
         ]
         return float(np.mean(rs)) if rs else None

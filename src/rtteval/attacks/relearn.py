@@ -54,6 +54,7 @@ class RelearnSettings(Protocol):
     retain_eval: str
     seed: int
     precision: str
+    replicates: int
 
 
 def scoring_to_dict(scoring: ScoringConfig) -> dict[str, Any]:
@@ -155,7 +156,7 @@ def _ensemble_for(
     return Ensemble(model, lrs)
 
 
-def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
+def _run_result(lr: float, res: TrainResult, steps_per_epoch: int, rep: int = 0) -> RunResult:
     """One run's curve: an :class:`EpochEval` per evaluated epoch, with its mean training loss."""
     epochs = []
     for row in res.history:
@@ -172,7 +173,7 @@ def _run_result(lr: float, res: TrainResult, steps_per_epoch: int) -> RunResult:
                 float(np.mean(ls)) if ls else None,
             )
         )
-    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message)
+    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message, rep)
 
 
 def relearn(
@@ -239,18 +240,25 @@ def relearn(
                 groups0.get("h"),
                 retain_before,
             )
-            batch_cache: dict[int, list] = {}
+            batch_cache: dict[tuple[int, int], list] = {}
 
-            def batches(epoch: int, _fi: int = fi, _seqs=seqs, _masks=masks, _cache=batch_cache):
-                if epoch not in _cache:
-                    _cache[epoch] = make_batches(
-                        _seqs,
-                        cfg.batch_size,
-                        pad_id,
-                        seed=cfg.seed * 1_000_003 + _fi * 1009 + epoch,
-                        loss_masks=_masks,
-                    )
-                return _cache[epoch]
+            def replicate_batches(
+                rep: int, _fi: int = fi, _seqs=seqs, _masks=masks, _c=batch_cache
+            ):
+                """Epoch batches of one replicate (replicate 0: the order without replicates)."""
+
+                def epoch_batches(epoch: int) -> list:
+                    if (rep, epoch) not in _c:
+                        _c[rep, epoch] = make_batches(
+                            _seqs,
+                            cfg.batch_size,
+                            pad_id,
+                            seed=cfg.seed * 1_000_003 + _fi * 1009 + epoch + rep * 7_919_993,
+                            loss_masks=_masks,
+                        )
+                    return _c[rep, epoch]
+
+                return epoch_batches
 
             n_evals: dict[int, int] = {}  # per evaluated model, for retain_eval="end"
 
@@ -280,39 +288,45 @@ def relearn(
                 eval_every_epochs=1,
                 precision=cfg.precision,
             )
-            what = f"{name} {label} V={fold.v}"
-            if ensemble is not None:  # every lr at once; the model stays at the snapshot
-                ensemble.reset_(model)
-                bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
-                results = train(
-                    ensemble,
-                    batches,
-                    lm_loss_fn,
-                    tcfg,
-                    evaluate=evaluate,
-                    progress=bar if progress else None,
-                )
-            else:
-                results = []
-                for lr in cfg.lrs:
-                    restore_state(model, snapshot)
-                    n_evals.clear()
-                    results.append(
-                        train(
-                            model,
-                            batches,
-                            lm_loss_fn,
-                            replace(tcfg, lr=lr),
-                            evaluate=evaluate,
-                            progress=f"{what} lr={lr:g}" if progress else None,
-                        )
-                    )
             runs = []
-            for lr, res in zip(cfg.lrs, results, strict=True):
-                warned.update(res.warnings)
-                runs.append(_run_result(lr, res, max(1, len(batches(0)))))
-                curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
-                say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
+            # Replicates run one after another: the batched lr grid shares one batch order
+            # across its members, so a replicate (a new order) cannot be a member.
+            for rep in range(cfg.replicates):
+                batches = replicate_batches(rep)
+                what = f"{name} {label} V={fold.v}" + (f" r{rep}" if cfg.replicates > 1 else "")
+                rcfg = replace(tcfg, seed=cfg.seed + rep * 7_919_993)
+                n_evals.clear()
+                if ensemble is not None:  # every lr at once; the model stays at the snapshot
+                    ensemble.reset_(model)
+                    bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
+                    results = train(
+                        ensemble,
+                        batches,
+                        lm_loss_fn,
+                        rcfg,
+                        evaluate=evaluate,
+                        progress=bar if progress else None,
+                    )
+                else:
+                    results = []
+                    for lr in cfg.lrs:
+                        restore_state(model, snapshot)
+                        n_evals.clear()
+                        results.append(
+                            train(
+                                model,
+                                batches,
+                                lm_loss_fn,
+                                replace(rcfg, lr=lr),
+                                evaluate=evaluate,
+                                progress=f"{what} lr={lr:g}" if progress else None,
+                            )
+                        )
+                for lr, res in zip(cfg.lrs, results, strict=True):
+                    warned.update(res.warnings)
+                    runs.append(_run_result(lr, res, max(1, len(batches(0))), rep))
+                    curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
+                    say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
             fold_results.append(
                 FoldAttack(
                     v=fold.v,

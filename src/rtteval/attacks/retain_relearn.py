@@ -46,7 +46,7 @@ class RetainRelearnConfig(AttackConfig):
     """Retain-only relearning in a study's ``attacks:``: the fine-tuning grid, as RTT's.
 
     ``max_texts`` caps the retain texts (a seeded sample; ``None``: all), e.g.
-    to train on as many texts as RTT's T has.
+    to train on as many texts as RTT's T has; ``replicates`` as RTT's.
     """
 
     name: Literal["retain_relearn"] = "retain_relearn"
@@ -59,6 +59,7 @@ class RetainRelearnConfig(AttackConfig):
     warmup_steps: int = Field(0, ge=0)
     retain_eval: Literal["epoch", "end", "none"] = "epoch"
     max_texts: int | None = Field(None, ge=1)
+    replicates: int = Field(1, ge=1)
 
     title: ClassVar[str] = "retain-only relearning: fine-tune on retain text only, measure V"
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from rtteval.attacks.base import AttackConfig, register_attack
@@ -45,8 +45,9 @@ from rtteval.attacks.folds import (
 )
 from rtteval.attacks.records import ModelAttack
 from rtteval.attacks.relearn import relearn
+from rtteval.config import LocatedError
 from rtteval.data.types import MCQ, Dataset
-from rtteval.errors import ConfigError
+from rtteval.errors import ConfigError, UserError
 from rtteval.scoring import ScoringConfig
 from rtteval.train import Precision, check_precision
 
@@ -81,6 +82,10 @@ class RTTConfig:
       With k, fold V = split i trains on the k splits after it, cyclically,
       so every split is in T equally often; used to measure how recovery
       grows with the amount of retraining data.
+    * ``replicates``: RTT runs per (fold, lr), each with its own data order,
+      so the CIs cover RTT's training noise; curves are averaged over them
+      for selection and kept apart in the results.  Left out of
+      :meth:`to_dict` at 1, so existing results and job keys stay the same.
     """
 
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
@@ -98,6 +103,7 @@ class RTTConfig:
     train_splits: int | None = None
     seed: int = 0
     precision: Precision = "auto"
+    replicates: int = 1
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
@@ -142,11 +148,26 @@ class RTTConfig:
             raise ConfigError("retain_eval must be epoch, end or none", field="retain_eval")
         if self.train_splits is not None and self.train_splits < 1:
             raise ConfigError("train_splits must be >= 1 (or None: all)", field="train_splits")
+        if self.grad_clip is not None and not (
+            self.grad_clip > 0 and math.isfinite(self.grad_clip)
+        ):
+            raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}", field="grad_clip")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError("weight_decay must be >= 0", field="weight_decay")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps must be >= 0", field="warmup_steps")
+        if self.seed < 0:
+            raise ConfigError("seed must be >= 0", field="seed")
         check_precision(self.precision)
+        if self.replicates < 1:
+            raise ConfigError("replicates must be >= 1", field="replicates")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.replicates == 1:
+            del d["replicates"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RTTConfig:
@@ -174,11 +195,23 @@ class RTTSpec(AttackConfig):
     overlap: Literal["drop", "error"] | None = None
     retain_eval: Literal["epoch", "end", "none"] | None = None
     weight_decay: float | None = Field(None, ge=0)
-    grad_clip: float | None = None
+    grad_clip: float | None = Field(None, gt=0)
     warmup_steps: int | None = Field(None, ge=0)
+    replicates: int | None = Field(None, ge=1)
 
     varies_t: ClassVar[bool] = True
     title: ClassVar[str] = "RTT: fine-tune on the other forget splits (T), measure V"
+
+    @model_validator(mode="after")
+    def _resolves(self) -> RTTSpec:
+        """The resolved RTTConfig passes its own checks (duplicate lrs ...) at load time."""
+        if not self.model_fields_set - {"name"}:  # the defaults
+            return self
+        try:
+            self.resolved(seed=0)
+        except UserError as e:
+            raise LocatedError((e.field,) if e.field else (), e.message) from None
+        return self
 
     def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The resolved :class:`RTTConfig` as a dict (stored in job keys)."""

@@ -11,15 +11,58 @@ fetched: that is all the loader reads, and it keeps large extras out.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from rtteval.errors import DataError
 
 HF_PREFIX = "hf://"
 ALLOW_PATTERNS = ("*.jsonl", "manifest.json")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+#: Seconds to wait for the Hugging Face Hub to accept a connection before
+#: working offline (only the local cache), instead of minutes of retries.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_host() -> tuple[str, int]:
+    """The Hub's host and port (``HF_ENDPOINT`` when set)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+@functools.cache
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hub's host accepts a TCP connection within ``timeout`` seconds.
+
+    ``HF_HUB_OFFLINE=1`` counts as unreachable.  Behind an HTTPS proxy a
+    direct connection proves nothing, so the hub client decides.  The probe
+    runs in a thread because name resolution has no timeout of its own.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host, port = hub_host()
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
@@ -89,10 +132,14 @@ def resolve_dataset_path(spec: str | Path, cache_dir: str | Path | None = None) 
         "allow_patterns": patterns,
         "cache_dir": str(cache_dir) if cache_dir is not None else None,
     }
+    offline = not hub_reachable()
+    kwargs["local_files_only"] = offline
     try:
         local = huggingface_hub.snapshot_download(**kwargs)
     except _hub_errors() as e:
         detail = " ".join(str(e).split()) or type(e).__name__
+        if offline:
+            detail = f"the Hub ({hub_host()[0]}) is unreachable and the local cache has no copy"
         at = f" (revision {revision!r})" if revision else ""
         raise DataError(
             f"could not download dataset {repo_id!r} from the Hugging Face Hub: {detail}{at}"

@@ -337,12 +337,17 @@ def load_dataset(
     if not root.is_dir():
         raise DataError("not a directory (expected a dataset directory)", file=root)
 
+    try:
+        entries = list(root.iterdir())
+    except OSError as e:  # an unreadable directory: one line, not a traceback
+        raise DataError(f"cannot read directory: {e.strerror or e}", file=root) from None
     manifest_path = root / MANIFEST
-    manifest = _load_manifest(manifest_path) if manifest_path.is_file() else None
+    has_manifest = manifest_path in entries and manifest_path.is_file()
+    manifest = _load_manifest(manifest_path) if has_manifest else None
 
     passage_files: dict[str, dict[str, Path]] = {attr: {} for _, attr in PASSAGE_PREFIXES}
     question_files: dict[str, Path] = {}
-    for file in root.iterdir():
+    for file in entries:
         if file.name.startswith(".") or file.suffix != ".jsonl" or not file.is_file():
             continue
         stem = file.name[: -len(".jsonl")]

@@ -299,7 +299,7 @@ def world_config(preset: str = "small", *, seed: int = 0, **overrides: Any) -> W
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or None
-        raise ConfigError(err["msg"], field=loc) from None
+        raise ConfigError(err["msg"].removeprefix("Value error, "), field=loc) from None
 
 
 # ---------------------------------------------------------------------------

@@ -14,11 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, TypeAdapter, ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from rtteval.config import Precision
 from rtteval.data import Dataset
 from rtteval.errors import ConfigError
 from rtteval.train import Batch, LossFn, batch_logits, nll_loss
@@ -79,6 +81,55 @@ PAPER_ADAMW: dict = dict(optimizer="adamw", adam_betas=(0.9, 0.999), adam_eps=1e
 TINY_MAX_PARAMS = 100_000_000
 
 
+def num(kind: type, **bounds: float) -> Any:
+    """A strict, finite number type with bounds: ``true`` is not 1 and 1e23 is not an int."""
+    extra = {"allow_inf_nan": False} if kind is float else {}
+    return Annotated[kind, Field(strict=True, **extra, **bounds)]
+
+
+#: Declared types of the :class:`rtteval.unlearn.UnlearnConfig` fields that a
+#: study's ``grid``/``fixed`` (or ``unlearn --grid``) may set; a method's own
+#: hyperparameters are declared in its ``hparam_types``.  A negative
+#: ``target_forget_acc`` means "no early stopping" (UnlearnConfig says why).
+TRAIN_PARAM_TYPES: dict[str, Any] = {
+    "lr": num(float, gt=0),
+    "optimizer": Literal["adamw", "lion"],
+    "adam_eps": num(float, gt=0),
+    "adam_betas": tuple[num(float, ge=0, lt=1), num(float, ge=0, lt=1)] | None,
+    "epochs": num(int, ge=1),
+    "max_steps": num(int, ge=1) | None,
+    "batch_size": num(int, ge=1),
+    "warmup_steps": num(int, ge=0),
+    "schedule": Literal["constant", "cosine", "linear"],
+    "grad_clip": num(float, gt=0) | None,
+    "weight_decay": num(float, ge=0),
+    "frozen": list[num(int, ge=0) | str] | None,
+    "train_only": list[str] | None,
+    "eval_every_steps": num(int, ge=1),
+    "target_forget_acc": num(float, le=1) | None,
+    "max_loss_ratio": num(float, gt=0),
+    "max_loss": num(float, gt=0) | None,
+    "scale": Literal["tiny", "paper"] | None,
+    "precision": Precision,
+}
+
+_ADAPTERS: dict[Any, TypeAdapter] = {}
+
+
+def type_error(tp: Any, value: Any) -> str | None:
+    """Why ``value`` is not of the declared type ``tp`` (``None``: it is)."""
+    key = repr(tp)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = TypeAdapter(tp)
+    try:
+        _ADAPTERS[key].validate_python(value)
+    except ValidationError as e:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return f"{e.errors()[0]['msg']} (got {shown})"
+    return None
+
+
 def model_scale(model: torch.nn.Module) -> str:
     """``tiny`` below 100M parameters, else ``paper``."""
     n = sum(p.numel() for p in model.parameters())
@@ -124,6 +175,8 @@ class Method:
     grid: ClassVar[dict[str, dict[str, list[Any]]]] = {}
     #: Keys of ``defaults`` that are this method's own hyperparameters.
     hparam_names: ClassVar[tuple[str, ...]] = ()
+    #: The declared type of each hyperparameter (every name in ``hparam_names``).
+    hparam_types: ClassVar[dict[str, Any]] = {}
 
     def build(self, ctx: UnlearnContext) -> tuple[LossFn, Trainable]:
         raise NotImplementedError
@@ -141,6 +194,25 @@ class Method:
                 f"method {cls.name!r} has no hyperparameter(s) {unknown}; "
                 f"it takes {list(cls.hparam_names)}"
             )
+        cls.check_params(hparams)
+
+    @classmethod
+    def param_error(cls, name: str, value: Any) -> str | None:
+        """Why ``value`` is not valid for setting ``name`` (a hyperparameter or a training field).
+
+        Checked when a config is loaded, so a negative learning rate in a
+        study's grid fails before any job runs, not inside one.
+        """
+        tp = cls.hparam_types.get(name, TRAIN_PARAM_TYPES.get(name))
+        return None if tp is None else type_error(tp, value)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Raise a ConfigError naming the first setting whose value is invalid."""
+        for k, v in params.items():
+            err = cls.param_error(k, v)
+            if err:
+                raise ConfigError(err, field=k)
 
 
 # --------------------------------------------------------------------------- forward helpers
@@ -260,6 +332,7 @@ class NllPairMethod(Method):
     """
 
     hparam_names = ("retain_coef",)
+    hparam_types = {"retain_coef": num(float, ge=0)}
     combine: ClassVar[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]]
     grid = {
         "tiny": {"lr": [3e-4, 1e-3, 3e-3], "retain_coef": [1.0, 3.0]},

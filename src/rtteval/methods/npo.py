@@ -20,6 +20,7 @@ from rtteval.methods.base import (
     Trainable,
     UnlearnContext,
     forward_logits,
+    num,
 )
 from rtteval.methods.losses import npo_loss, sequence_logprobs
 from rtteval.train import LossFn, nll_loss
@@ -30,6 +31,7 @@ class NPO(Method):
     corpus = "corpus"
     needs_reference = True
     hparam_names = ("beta", "retain_coef")
+    hparam_types = {"beta": num(float, gt=0), "retain_coef": num(float, ge=0)}
     defaults = {
         "tiny": TINY_TRAIN | dict(lr=3e-3, beta=0.1, retain_coef=1.0),
         "paper": PAPER_TRAIN | PAPER_ADAMW | dict(lr=1e-5, beta=0.1, retain_coef=1.0),

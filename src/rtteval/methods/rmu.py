@@ -32,6 +32,7 @@ from rtteval.methods.base import (
     decoder_layers,
     layer_activations,
     layer_index,
+    num,
 )
 from rtteval.methods.losses import rmu_forget_loss, rmu_retain_loss
 from rtteval.train import LossFn, pad_batch
@@ -76,6 +77,14 @@ class RMU(Method):
     corpus = "corpus"
     needs_reference = True
     hparam_names = ("layer", "param_layers", "modules", "steering_coef", "steering_rel", "alpha")
+    hparam_types = {
+        "layer": num(int, ge=0) | None,
+        "param_layers": list[num(int, ge=0)] | None,
+        "modules": str | list[str],
+        "steering_coef": num(float, gt=0) | None,
+        "steering_rel": num(float, gt=0) | None,
+        "alpha": num(float, ge=0),
+    }
     defaults = {
         "tiny": TINY_TRAIN
         | dict(

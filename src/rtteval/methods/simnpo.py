@@ -16,6 +16,7 @@ from rtteval.methods.base import (
     Trainable,
     UnlearnContext,
     forward_logits,
+    num,
 )
 from rtteval.methods.losses import sequence_logprobs, simnpo_loss
 from rtteval.train import LossFn, nll_loss
@@ -25,6 +26,11 @@ from rtteval.train import LossFn, nll_loss
 class SimNPO(Method):
     corpus = "corpus"
     hparam_names = ("beta", "delta", "retain_coef")
+    hparam_types = {
+        "beta": num(float, gt=0),
+        "delta": num(float, ge=0),
+        "retain_coef": num(float, ge=0),
+    }
     defaults = {
         "tiny": TINY_TRAIN | dict(lr=1e-3, beta=1.0, delta=0.0, retain_coef=1.0),
         "paper": PAPER_TRAIN | PAPER_ADAMW | dict(lr=1e-5, beta=2.5, delta=0.0, retain_coef=1.0),

@@ -8,6 +8,7 @@ user asks, since a hub repo's Python would otherwise run on their machine.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rtteval.data.hub import hub_host, hub_reachable
 from rtteval.errors import UserError
 
 _DTYPES = {
@@ -31,9 +33,44 @@ _DTYPES = {
 }
 
 
+def check_device(device: str, *, available: bool = True) -> None:
+    """Refuse a device name torch does not know, or (``available``) one this machine lacks.
+
+    Called when a config is validated and before a command loads anything,
+    so ``device: cuda`` on a CPU-only machine fails at once rather than in
+    every job.
+    """
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(
+            f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps", field="device"
+        ) from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {device!r}: rtteval runs on cpu, cuda or mps", field="device")
+    if not available:
+        return
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = "" if torch.version.cuda else ", a CPU-only torch build"
+            raise UserError(
+                f"device {device!r}: no CUDA GPU is available here (torch {torch.__version__}"
+                f"{build}); use auto or cpu",
+                field="device",
+            )
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"device {device!r}: this machine has {n} CUDA GPU(s)", field="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r}: MPS is not available here", field="device")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return torch.device(device)
 
 
@@ -48,6 +85,44 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _source(name_or_path: str | Path) -> tuple[str, bool]:
+    """``(ref, offline)``: check a reference that is not a local directory before any download.
+
+    A reference that does not exist locally is a hub id; if it cannot be one
+    (say ``runs/x/model``, a mistyped path) or the hub is unreachable and it
+    is not in the local cache, say so in one line now rather than after the
+    hub client's retries.
+    """
+    ref = str(name_or_path)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError("not a model directory (no config.json)", file=ref)
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise UserError(
+                f"model directory has no tokenizer ({' or '.join(_TOKENIZER_FILES[:2])}); save "
+                "the tokenizer beside the weights (tokenizer.save_pretrained(dir))",
+                file=ref,
+            )
+        return ref, False
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(ref):
+        raise UserError("no such local model directory (and not a Hugging Face hub id)", file=ref)
+    return ref, not hub_reachable()
+
+
+def _offline_error(ref: str) -> UserError:
+    host, _port = hub_host()
+    return UserError(
+        f"no such local model directory, and as a hub id it is not in the local cache while "
+        f"the Hugging Face Hub ({host}) is unreachable (a mistyped local path?)",
+        file=ref,
+    )
+
+
 def load_tokenizer(
     name_or_path: str | Path, *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -57,9 +132,14 @@ def load_tokenizer(
     because every forward pass in rtteval passes an attention mask and
     position ids derived from it, and padded label positions are -100.
     """
+    ref, offline = _source(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            ref, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
     except (OSError, ValueError) as e:
+        if offline:
+            raise _offline_error(ref) from None
         raise UserError(f"could not load tokenizer from {name_or_path!s}: {e}") from e
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -87,21 +167,22 @@ def load_model(
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    path = Path(str(name_or_path))
-    if (path.exists() or str(name_or_path).startswith((".", "/"))) and not (
-        path / "config.json"
-    ).exists():
-        raise UserError(f"{name_or_path!s}: not a model directory (no config.json)")
+    ref, offline = _source(name_or_path)
     tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     kwargs: dict = dict(
-        dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        local_files_only=offline,
     )
     if device_map is not None:
         kwargs["device_map"] = device_map
     check_model_files(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
+        if offline:
+            raise _offline_error(ref) from None
         raise UserError(f"could not load model from {name_or_path!s}: {e}") from e
     if device_map is None:
         model.to(dev)

@@ -17,6 +17,7 @@ PRIMARY KEY makes a duplicated job row impossible.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rtteval.errors import UserError
 
 #: Job statuses.  ``done``, ``diverged`` and ``skipped`` are final and count
 #: as success for dependants (a diverged unlearning point is a valid result:
@@ -98,9 +101,24 @@ class Store:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        if readonly:
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self.conn.close()
+            raise UserError(
+                f"corrupt study database ({e}); move it aside (mv {self.path} "
+                f"{self.path}.corrupt) and rerun `rtteval run`: finished jobs are adopted from "
+                "their directories under jobs/, the others run again",
+                file=self.path,
+            ) from None
+        self.conn.row_factory = sqlite3.Row
+
+    def _open(self) -> None:
+        if self.readonly:
             uri = f"file:{self.path}?mode=ro"
             self.conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # is it a database?
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
@@ -113,7 +131,6 @@ class Store:
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
-        self.conn.row_factory = sqlite3.Row
 
     @classmethod
     def in_dir(cls, out_dir: str | Path, *, readonly: bool = False) -> Store:
