@@ -324,7 +324,7 @@ def finetune_facts(
     ``out_dir/pretrain.json`` (``before``/after accuracies, ``status``).
     """
     from rtteval.attacks.folds import TrainItem
-    from rtteval.attacks.relearn import _encode_items
+    from rtteval.attacks.relearn import encode_items
     from rtteval.scoring import format_mcq
 
     cfg = cfg or FinetuneConfig()
@@ -347,7 +347,7 @@ def finetune_facts(
             )
             for q in dataset.questions()
         ]
-        forget_ids, forget_masks = _encode_items(tokenizer, items)
+        forget_ids, forget_masks = encode_items(tokenizer, items)
     else:
         forget_ids = encode_texts(tokenizer, forget_texts)
     replay_ids = encode_texts(tokenizer, replay)

@@ -160,11 +160,11 @@ def test_training_texts_per_loss(world: Dataset, loss: str):
 
 
 def test_mcq_answer_loss_masks_the_prompt(world: Dataset, fresh):
-    from rtteval.attacks.relearn import _encode_items
+    from rtteval.attacks.relearn import encode_items
 
     _, tok = fresh
     f = build_folds(world, RTTConfig(loss="mcq_answer", folds=["split_0"]))[0]
-    seqs, masks = _encode_items(tok, f.items[:3])
+    seqs, masks = encode_items(tok, f.items[:3])
     assert masks is not None
     for it, s, m in zip(f.items[:3], seqs, masks, strict=True):
         n_prompt = len(tok.encode(it.prompt))

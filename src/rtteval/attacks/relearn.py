@@ -63,7 +63,7 @@ def scoring_to_dict(scoring: ScoringConfig) -> dict[str, Any]:
     return d
 
 
-def _encode_items(
+def encode_items(
     tokenizer: PreTrainedTokenizerBase, items: Sequence[TrainItem]
 ) -> tuple[list[list[int]], list[list[int]] | None]:
     """Token ids (BOS ... EOS); loss masks only when some item has a no-loss prompt."""
@@ -200,8 +200,9 @@ def relearn(
     items for ``cfg.epochs`` epochs, evaluating V, the held-out slice and (per
     ``cfg.retain_eval``) the retain questions after every epoch.  Epoch
     batches are seeded by (seed, fold, epoch) and shared by all learning
-    rates, so the grid differs only in lr.  Provenance is the caller's to
-    check, immediately before calling this.
+    rates, so the grid differs only in lr.  ``cfg.replicates`` > 1 repeats
+    every (fold, lr) run with another data order.  Provenance is the
+    caller's to check, immediately before calling this.
 
     ``batched`` trains a fold's learning rates together as one
     :class:`rtteval.train.Ensemble` (same numbers, up to float rounding; the
@@ -228,7 +229,7 @@ def relearn(
             retain_before = _acc(retain_ev(model, ["r"])["r"])
         for fi, fold in enumerate(folds):
             v_qs = dataset.splits[fold.v]
-            seqs, masks = _encode_items(tokenizer, fold.items)
+            seqs, masks = encode_items(tokenizer, fold.items)
             restore_state(model, snapshot)  # "before" is the model as given, not after a run
             ev = _Evaluator(tokenizer, scoring, {"v": v_qs, "h": fold.holdout, "r": retain_q})
             groups0 = ev(model, ["v", "h"])
