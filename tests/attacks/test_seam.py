@@ -119,6 +119,10 @@ def test_retain_relearn_runs_from_yaml_beside_rtt_and_is_its_own_report_row(
         assert a["config"]["epochs"] == 2 and len(f["runs"][0]["epochs"]) == 2
     md = (out / "report.md").read_text()
     assert "`retain_relearn`: retain-only relearning" in md and "| w [retain_relearn] |" in md
+    # the findings are RTT's: the other attack's rows stay out of them
+    f = cli("findings", out)
+    assert f.returncode == 0, f.stderr
+    assert "retain_relearn" not in (out / "findings.md").read_text()
     # each attack's jobs are their own: adding one leaves RTT's job keys as they were
     both = build_plan(load_config(p, check_paths=False).config)
     alone = build_plan(load_config(p, ["attacks=[{name: rtt, lrs: [3.0e-3], epochs: 1, "
