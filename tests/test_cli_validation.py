@@ -313,7 +313,9 @@ def test_item14_messages(tmp_path, cli, pretrained_tiny):
     )
     assert "study.yaml:8" in msg and "attacks.0.folds" in msg and "split_9" in msg
     msg = _one_line(
-        cli("run", _study(tmp_path, "attacks: [rtt]\n"), "attacks.0.lrs=[.inf]", "--dry-run")
+        cli(
+            "run", _study(tmp_path, "attacks: [{name: rtt}]\n"), "attacks.0.lrs=[.inf]", "--dry-run"
+        )
     )
     assert "attacks.0.lrs=[.inf]" in msg
     world = pretrained_tiny["world"]

@@ -358,8 +358,6 @@ def _attack_configs(entries: Any) -> list[Any]:
     adapter = attack_adapter()
     out = []
     for i, e in enumerate(entries):
-        if isinstance(e, str):  # ``- rtt``: the attack with its defaults
-            e = {"name": e}
         if not isinstance(e, dict) or "name" not in e:
             raise LocatedError(
                 (i,), f"an attack needs a 'name' (one of {', '.join(sorted(ATTACKS))})"

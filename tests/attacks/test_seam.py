@@ -182,7 +182,7 @@ def test_retain_relearn_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> No
             "study.yaml:9: field 'attacks.0.epochs': Input should be greater than or equal to 1",
         ),
         (
-            "attacks: [rtt, {name: rtt, epochs: 2}]\n",
+            "attacks: [{name: rtt}, {name: rtt, epochs: 2}]\n",
             "study.yaml:8: field 'attacks.1': attack 'rtt' is listed twice",
         ),
     ],

@@ -19,7 +19,10 @@ control.  ``world.vary_with_seed`` makes one world per seed.  Each extra
 attack groups under the dataset label ``"<name> |T|=k"``.
 
 Attacks on the original and the control do not depend on any method, so
-they are shared by all methods and run as soon as their model exists.
+they are shared by all methods and run as soon as their model exists.  Each
+entry of ``attacks:`` gets its own jobs on every arm (settings under the
+attack's name in the job config); an attack other than RTT reports under the
+dataset label ``"<name> [attack]"``.
 
 Job configs hold everything that determines a job's output (so it goes into
 the key) and nothing that does not: the device, batch size of evaluation and
