@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from rtteval.cli import _one_line_warning
+from rtteval.errors import DataWarning
 from rtteval.outputs import MARKER
 
 # each run as short as the command allows: these tests are about files, not learning
@@ -264,8 +266,13 @@ def test_duplicate_choices(tmp_path, cli):
     _one_line_error(
         cli("data", "check", "--strict", d), f"{d / 'split_0.jsonl'}:2", "choices", "repeats"
     )
-    r = cli("data", "check", d)  # the released random_bd has such questions: counted
+    # the released random_bd has such questions: loaded, counted, and the ambiguous ones
+    # (the correct answer offered twice) named in one warning line
+    with pytest.warns(DataWarning, match=r"split_0\.jsonl:2: field 'choices': 1 question") as w:
+        r = cli("data", "check", d)
     assert r.returncode == 0, r.stderr
+    line = _one_line_warning(w[0].message, DataWarning, "x.py", 1)
+    assert line.startswith("rtteval: warning: ") and line.count("\n") == 1
     s = json.loads(r.stdout)
     assert s["duplicate_choices"] == 2 and s["ambiguous_answers"] == 1
 

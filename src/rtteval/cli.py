@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -259,8 +260,14 @@ def _models_table(results: dict) -> Table:
 show_ranges(app)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings meant for the user (DataWarning, lost-update) as one line, like errors."""
+    return f"rtteval: warning: {' '.join(str(message).split())}\n"
+
+
 def main() -> None:
     """Entry point: user errors become one stderr line and exit status 2."""
+    warnings.formatwarning = _one_line_warning
     try:
         rc = app(standalone_mode=False)
         # with standalone_mode=False, a command's typer.Exit(code) comes back as a return value

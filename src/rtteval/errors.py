@@ -45,3 +45,7 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A configuration value or file is invalid."""
+
+
+class DataWarning(UserWarning):
+    """Data that loads but deserves a look (the CLI prints it as one ``rtteval: warning:`` line)."""

@@ -54,13 +54,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rtteval.data.hub import resolve_dataset_path
 from rtteval.data.types import LETTERS, MCQ, Dataset, Passage, mcq_answer, mcq_prompt
-from rtteval.errors import ConfigError, DataError
+from rtteval.errors import ConfigError, DataError, DataWarning
 
 MANIFEST = "manifest.json"
 QUESTION_FIELDS = ("question", "choices", "answer")
@@ -407,6 +408,9 @@ def load_dataset(
                 raise DataError("file name has no split name after the prefix", file=file)
             tables[attr][name] = [parse(obj, file, line) for line, obj in _read_jsonl(file)]
 
+    if not distinct_choices:
+        _warn_ambiguous([q for n in forget + retain for q in loaded[n]] + list(dev))
+
     return Dataset(
         root=root,
         splits={n: loaded[n] for n in forget},
@@ -419,6 +423,27 @@ def load_dataset(
         dev=dev,
         manifest=manifest,
     )
+
+
+def _warn_ambiguous(questions: list[MCQ]) -> None:
+    """Say when a question offers its correct answer twice: two letters are then right.
+
+    Scoring counts only the answer's index, so such a question is harder
+    than it looks; the paper's ``random_bd`` has some, which must load, so
+    this warns (once per load, naming the first) rather than refusing.
+    """
+    bad = [
+        q for q in questions
+        if [c.strip() for c in q.choices].count(q.choices[q.answer].strip()) > 1
+    ]  # fmt: skip
+    if bad:
+        warnings.warn(
+            DataWarning(
+                f"{bad[0].source}: field 'choices': {len(bad)} question(s) offer the correct "
+                "answer twice (scored by its index only; `rtteval data check --strict` refuses them)"
+            ),
+            stacklevel=2,
+        )
 
 
 def check_summary(
