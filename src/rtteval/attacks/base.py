@@ -63,6 +63,9 @@ class AttackConfig(BaseModel):
     varies_t: ClassVar[bool] = False
     #: One line for the report: what the attack trains on.
     title: ClassVar[str] = ""
+    #: False for an attack that changes no weight by training (``icl``, ``quantize``): its
+    #: records have one point per setting, in the lr slot, at epoch 1 and no training loss.
+    trains: ClassVar[bool] = True
 
     def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The attack's own settings as stored in job keys and results (``run`` takes them)."""
