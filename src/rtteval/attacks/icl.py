@@ -190,7 +190,9 @@ class ICL:
                 sc = with_shots(scoring, fold.train_texts[:k], [q for _, q in pool[:k]])
                 vc = acc(v_qs, sc)
                 rc = acc(retain_q, sc)
-                ee = EpochEval(1, sum(vc) / len(vc), vc, retain_acc=sum(rc) / len(rc) if rc else None)
+                ee = EpochEval(
+                    1, sum(vc) / len(vc), vc, retain_acc=sum(rc) / len(rc) if rc else None
+                )
                 runs.append(RunResult(float(k), "completed", [ee], 0, time.perf_counter() - tk))
                 say(f"icl {label} V={v} k={k}: V acc {before.v_acc:.2f} -> {ee.v_acc:.2f}")
             prov = fold.provenance()
