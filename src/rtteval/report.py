@@ -608,7 +608,9 @@ def _attacks_note(summary: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     for name in others:
         title = ATTACKS[name].config_type.title if name in ATTACKS else "(not installed)"
-        out.append(f'- `{name}`: {title}; its "+RTT" columns are after this attack\'s fine-tuning')
+        trains = ATTACKS[name].config_type.trains if name in ATTACKS else True
+        after = "this attack's fine-tuning" if trains else "this attack at its best setting"
+        out.append(f'- `{name}`: {title}; its "+RTT" columns are after {after}')
     return [*out, ""]
 
 

@@ -98,6 +98,7 @@ def test_icl_from_yaml_is_its_own_row_and_the_control_stays_at_chance(
     assert {(e["dataset"], e["attack"]) for e in res["summary"]} == {("w [icl]", "icl")}
     assert {a["role"] for a in res["attacks"]} == {"original", "control", "unlearned"}
     assert "`icl`: in-context shots" in res["_report_md"]
+    assert '"+RTT" columns are after this attack at its best setting' in res["_report_md"]
     by_role = {
         a["role"]: ModelAttack.from_dict(a) for a in res["attacks"] if a["role"] != "unlearned"
     }
