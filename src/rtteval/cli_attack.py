@@ -46,6 +46,20 @@ def _floats(text: str | None, name: str) -> list[float] | None:
     return vals
 
 
+def _ints(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"expected a comma-separated list of whole numbers, got {text!r}", file=f"--{name}"
+        ) from None
+    if not vals:
+        raise ConfigError("empty list", file=f"--{name}")
+    return vals
+
+
 def _model_fingerprint(path: str) -> str:
     """Path plus size and mtime of its files: a retrained model at the same path is not reused."""
     p = Path(path)
@@ -91,6 +105,19 @@ def attack_cmd(
     ] = None,
     overlap: Annotated[
         str | None, typer.Option(help="T questions whose text is a V question: drop or error")
+    ] = None,
+    shots: Annotated[
+        str | None, typer.Option(help="icl: comma-separated shot counts k (default 1,3,5,10)")
+    ] = None,
+    schemes: Annotated[
+        str | None,
+        typer.Option(
+            help="quantize: comma-separated int8-channel, int8-group, int4-channel, int4-group"
+        ),
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(help="quantize: inputs per scale of the *-group schemes", parser=COUNT),
     ] = None,
     seed: Annotated[int | None, typer.Option(parser=SEED)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
@@ -147,6 +174,9 @@ def attack_cmd(
         "loss": loss,
         "holdout_fraction": holdout_fraction,
         "overlap": overlap,
+        "shots": _ints(shots, "shots"),
+        "schemes": [x.strip() for x in schemes.split(",") if x.strip()] if schemes else None,
+        "group_size": group_size,
         "precision": precision,
     }
     given = {k: v for k, v in given.items() if v is not None}

@@ -55,13 +55,19 @@ def run_yaml(cli, tmp_path: Path, pretrained_tiny: dict[str, Path], name: str, a
     return results
 
 
-def run_cli(cli, tmp_path: Path, pretrained_tiny: dict[str, Path], attack: str) -> dict:
+def cli_args(pretrained_tiny: dict[str, Path], attack: str) -> list[str]:
+    return [
+        "attack", "--attack", attack, "--model", str(pretrained_tiny["control"]),
+        "--original", str(pretrained_tiny["original"]), "--data", str(pretrained_tiny["world"]),
+        "--folds", "split_1", "--n-boot", "20", "--method-name", "never",
+    ]  # fmt: skip
+
+
+def run_cli(
+    cli, tmp_path: Path, pretrained_tiny: dict[str, Path], attack: str, *extra: str
+) -> dict:
     """``rtteval attack --attack NAME`` on the micro model (unlearned = control); results.json."""
     out = tmp_path / attack
-    r = cli(
-        "attack", "--attack", attack, "--model", pretrained_tiny["control"],
-        "--original", pretrained_tiny["original"], "--data", pretrained_tiny["world"],
-        "--folds", "split_1", "--n-boot", "20", "--method-name", "never", "--out", out,
-    )  # fmt: skip
+    r = cli(*cli_args(pretrained_tiny, attack), *extra, "--out", out)
     assert r.returncode == 0, r.stderr
     return json.loads((out / "results.json").read_text())

@@ -15,7 +15,7 @@ from rtteval.data.types import MCQ
 from rtteval.models import load_model
 from rtteval.pretrain import scoring_for
 from rtteval.scoring import ScoringConfig, letter_prompt
-from tests.attacks._nontraining import assert_at_chance, run_cli, run_yaml
+from tests.attacks._nontraining import assert_at_chance, cli_args, run_cli, run_yaml
 
 
 def test_shots_are_t_questions_in_the_scoring_format(tiny_world: Path) -> None:
@@ -71,6 +71,23 @@ def test_a_v_question_in_the_shot_pool_is_refused(
     attack = get_attack("icl")
     with pytest.raises(ProvenanceError):
         attack.run(model, tok, ds, ICLConfig(shots=[1]).resolved(0), folds=["split_0"])
+
+
+@pytest.mark.parametrize(
+    ("attack", "extra", "expect"),
+    [
+        ("icl", ["--shots", "0,3"], "--shots: "),
+        ("icl", ["--shots", "3,3"], "shots has duplicates"),
+        ("icl", ["--shots", "three"], "--shots: expected a comma-separated list of whole numbers"),
+        ("rtt", ["--shots", "3"], "attack 'rtt' has no setting 'shots'"),
+    ],
+)
+def test_icl_cli_options_are_checked_before_anything_runs(
+    tmp_path: Path, cli, pretrained_tiny, attack: str, extra: list[str], expect: str
+) -> None:
+    r = cli(*cli_args(pretrained_tiny, attack), *extra, "--out", tmp_path / "o")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert expect in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_icl_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> None:

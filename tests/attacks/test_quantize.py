@@ -18,7 +18,7 @@ from rtteval.attacks.quantize import (
 from rtteval.attacks.records import ModelAttack
 from rtteval.data import load_dataset
 from rtteval.models import load_model, restore_state, snapshot_state
-from tests.attacks._nontraining import assert_at_chance, run_cli, run_yaml
+from tests.attacks._nontraining import assert_at_chance, cli_args, run_cli, run_yaml
 
 
 def test_rtn_is_deterministic_and_the_dequantized_weights_lie_on_the_grid(pretrained_tiny) -> None:
@@ -66,13 +66,18 @@ def test_int8_keeps_the_originals_knowledge(pretrained_tiny) -> None:
 
 
 def test_quantize_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> None:
-    res = run_cli(cli, tmp_path, pretrained_tiny, "quantize")
+    bad = cli(*cli_args(pretrained_tiny, "quantize"), "--schemes", "int3-channel", "--out", "x")
+    assert bad.returncode == 2 and "--schemes: " in bad.stderr, bad.stderr
+    res = run_cli(
+        cli, tmp_path, pretrained_tiny, "quantize", "--schemes", "int8-channel,int4-group",
+        "--group-size", "32",
+    )  # fmt: skip
     (s,) = res["summary"]
     assert (s["dataset"], s["attack"], s["method"]) == ("tiny [quantize]", "quantize", "never")
     for a in res["attacks"]:
         c = a["config"]
-        assert c["schemes"] == ["int8-channel", "int8-group", "int4-channel", "int4-group"]
-        assert c["lrs"] == [1.0, 2.0, 3.0, 4.0] and c["grid_axis"] == "schemes"
+        assert c["schemes"] == ["int8-channel", "int4-group"] and c["group_size"] == 32
+        assert c["lrs"] == [1.0, 2.0] and c["grid_axis"] == "schemes"
         (f,) = a["folds"]
         assert f["provenance"]["n_train_texts"] == 0 and f["provenance"]["checked"]
     # the unlearned model here is the never-learned control: quantizing it adds no V fact
