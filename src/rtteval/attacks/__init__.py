@@ -9,6 +9,7 @@ it: one line below per attack (docs/architecture.md, "Adding an attack").
 from __future__ import annotations
 
 # the registry: one import per attack
+import rtteval.attacks.lora_rtt  # noqa: F401
 import rtteval.attacks.retain_relearn  # noqa: F401
 import rtteval.attacks.rtt  # noqa: F401
 from rtteval.attacks.base import (
