@@ -68,7 +68,9 @@ class LoraRTTSpec(RTTSpec):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
 
-    title: ClassVar[str] = "LoRA-RTT: LoRA adapters fine-tuned on the other forget splits (T), measure V"
+    title: ClassVar[str] = (
+        "LoRA-RTT: LoRA adapters fine-tuned on the other forget splits (T), measure V"
+    )
 
     def lora(self) -> dict[str, Any]:
         """The resolved adapter settings (stored in job keys and results under ``lora``)."""
@@ -101,6 +103,8 @@ def attach_lora(model: torch.nn.Module, lora: dict[str, Any], seed: int = 0) -> 
     The adapter's A is initialised from ``seed``; B is zero, so the wrapped
     model computes what ``model`` did.  ``peft_model.unload()`` removes it.
     """
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -116,7 +120,9 @@ def attach_lora(model: torch.nn.Module, lora: dict[str, Any], seed: int = 0) -> 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # peft reads a property transformers deprecates
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            return get_peft_model(model, cfg)
     except ValueError as e:  # target modules not found in the model
         raise ConfigError(f"LoRA: {e}".splitlines()[0], field="target_modules") from None
     finally:
