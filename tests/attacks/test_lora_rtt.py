@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtteval.attacks.lora_rtt import LoraRTTSpec, attach_lora, is_lora_param
+from rtteval.attacks.folds import build_folds
+from rtteval.attacks.lora_rtt import LoraEnsemble, LoraRTTSpec, attach_lora, is_lora_param
+from rtteval.attacks.relearn import relearn
+from rtteval.attacks.rtt import RTTConfig
 from rtteval.data import load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import load_model, snapshot_state
+from rtteval.pretrain import scoring_for
 from tests.attacks.test_rtt import _crude_unlearn
 
 
@@ -62,6 +66,40 @@ def test_adapter_trains_alone_saves_and_loads_with_peft(pretrained_tiny, tmp_pat
     assert torch.allclose(loaded(input_ids=ids).logits, adapted, atol=1e-5)
     with pytest.raises(ConfigError, match="target_modules"):
         attach_lora(model, {**lora, "target_modules": ["no_such_proj"]})
+
+
+def test_batched_adapters_equal_each_adapter_trained_alone_through_peft(pretrained_tiny) -> None:
+    """One frozen base + G stacked adapters (bmm) gives each lr's peft run: losses and V, AdamW."""
+    ds = load_dataset(pretrained_tiny["world"])
+    model, tok = load_model(pretrained_tiny["control"], device="cpu")  # V moves when it learns
+    before = {k: v.clone() for k, v in snapshot_state(model).items()}
+    cfg = RTTConfig(lrs=[1e-3, 1e-2, 3e-2], epochs=3, folds=["split_0"], retain_eval="none")
+    fs = build_folds(ds, cfg.validate())
+    pm = attach_lora(model, LoraRTTSpec(rank=4, dropout=0.0).lora(), seed=0)
+    made: list[LoraEnsemble] = []
+
+    def make(m, lrs):
+        made.append(LoraEnsemble(m, lrs))
+        return made[-1]
+
+    out = {}
+    for batched in (True, False):
+        out[batched] = relearn(
+            pm, tok, ds, fs, cfg, scoring_for(ds), config={}, trainable=is_lora_param,
+            make_ensemble=make, batched=batched,
+        )  # fmt: skip
+    assert len(made) == 1  # the batched run used the ensemble, the other trained lr by lr
+    together, alone = out[True].folds[0].runs, out[False].folds[0].runs
+    assert [r.lr for r in together] == [r.lr for r in alone] == cfg.lrs
+    for a, b in zip(together, alone, strict=True):
+        assert a.status == b.status == "completed" and len(a.epochs) == len(b.epochs) == 3
+        for ea, eb in zip(a.epochs, b.epochs, strict=True):
+            assert ea.loss == pytest.approx(eb.loss, rel=1e-4)
+            assert ea.v_correct == eb.v_correct
+    assert alone[1].epochs[-1].loss < alone[1].epochs[0].loss  # it trained: the loss fell
+    assert len({tuple(r.epochs[-1].v_correct) for r in alone}) > 1  # V moved differently per lr
+    pm.unload()
+    assert all(torch.equal(before[k], v) for k, v in snapshot_state(model).items())
 
 
 def test_lora_rtt_from_the_cli_recovers_the_unlearned_not_the_control(

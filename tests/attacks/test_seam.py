@@ -170,7 +170,7 @@ def test_retain_relearn_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> No
         (
             "attacks:\n  - name: rtt\n  - name: rtt_v2\n",
             "study.yaml:10: field 'attacks.1.name': unknown attack 'rtt_v2'; known: "
-            "retain_relearn, rtt",
+            + ", ".join(sorted(ATTACKS)),
         ),
         (
             "attacks:\n  - name: retain_relearn\n    holdout_fraction: 0.2\n",
