@@ -35,9 +35,11 @@ def test_settings_resolve_with_lora_defaults_and_literature_preset() -> None:
     assert p["lora"]["rank"] == 128 and p["lora"]["alpha"] == 256.0 and 2e-4 in p["lrs"]
     assert p["optimizer"] == "adamw" and p["loss"] == "mcq" and p["holdout_fraction"] == 0.0
     assert LoraRTTSpec(rank=16, lrs=[5e-4]).resolved(seed=0)["lora"]["alpha"] == 32.0
+    assert "batched" not in d and LoraRTTSpec(batched=False).resolved(seed=0)["batched"] is False
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")  # peft on load
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
 def test_adapter_trains_alone_saves_and_loads_with_peft(pretrained_tiny, tmp_path: Path) -> None:
     from peft import PeftModel
 
@@ -66,6 +68,13 @@ def test_adapter_trains_alone_saves_and_loads_with_peft(pretrained_tiny, tmp_pat
     assert torch.allclose(loaded(input_ids=ids).logits, adapted, atol=1e-5)
     with pytest.raises(ConfigError, match="target_modules"):
         attach_lora(model, {**lora, "target_modules": ["no_such_proj"]})
+    # an adapter on a non-linear layer cannot be stacked: lr by lr, or an error when insisted on
+    emb = attach_lora(model, {**lora, "target_modules": ["embed_tokens"]})
+    assert "embed_tokens" in (LoraEnsemble.unsupported(emb) or "")
+    assert LoraEnsemble.factory(None)(emb, [1e-3, 1e-2]) is None
+    with pytest.raises(ConfigError, match="batched"):
+        LoraEnsemble.factory(True)(emb, [1e-3, 1e-2])
+    emb.unload()
 
 
 def test_batched_adapters_equal_each_adapter_trained_alone_through_peft(pretrained_tiny) -> None:

@@ -180,6 +180,31 @@ class LoraEnsemble(Ensemble):
         self._hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._layers)]
         self.reset_(peft_model)
 
+    @staticmethod
+    def unsupported(peft_model: torch.nn.Module) -> str | None:
+        """Why the adapters cannot be stacked (a LoRA layer that is not a linear one), or None."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, m in peft_model.named_modules():
+            if isinstance(m, LoraLayer) and "default" not in m.lora_A:
+                return f"the LoRA layer {name} ({type(m).__name__}) is not a linear one"
+        return None
+
+    @classmethod
+    def factory(cls, batched: bool | None) -> Callable[[torch.nn.Module, Sequence[float]], Any]:
+        """For :func:`relearn`: an ensemble, or None (lr by lr) when it cannot be one and not insisted on."""
+        from rtteval.errors import ConfigError
+
+        def make(model: torch.nn.Module, lrs: Sequence[float]) -> LoraEnsemble | None:
+            reason = cls.unsupported(model)
+            if reason is None:
+                return cls(model, lrs)  # type: ignore[arg-type]
+            if batched:
+                raise ConfigError(f"batched LoRA-RTT impossible: {reason}", field="batched")
+            return None
+
+        return make
+
     def _hook(self, i: int) -> Callable[..., torch.Tensor | None]:
         layer = self._layers[i]
 
@@ -288,7 +313,8 @@ class LoraRTT:
                 peft_model, tokenizer, dataset, fs, cfg, scoring, config=record,
                 retain_questions=retain_questions, label=label, name="LoRA-RTT",
                 progress=progress, log=log, trainable=is_lora_param,
-                make_ensemble=LoraEnsemble, batched=config.get("batched"),
+                make_ensemble=LoraEnsemble.factory(config.get("batched")),
+                batched=config.get("batched"),
             )  # fmt: skip
         finally:
             peft_model.unload()  # puts the original layers back into ``model``

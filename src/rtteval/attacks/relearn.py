@@ -192,7 +192,7 @@ def relearn(
     log: Callable[[str], None] | None = None,
     batched: bool | None = None,
     trainable: Callable[[str], bool] | None = None,
-    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], Ensemble] | None = None,
+    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], Ensemble | None] | None = None,
 ) -> ModelAttack:
     """Fine-tune ``model`` on each fold's items for every lr in ``cfg.lrs``; the model is returned unchanged.
 
@@ -214,7 +214,7 @@ def relearn(
     ``trainable(name)`` picks the parameters to update (LoRA-RTT: the
     adapters only); the learning rates then run one by one unless
     ``make_ensemble(model, lrs)`` builds the batched model for them
-    (LoRA-RTT's stacked adapters; its ``close()`` runs at the end).
+    (LoRA-RTT's stacked adapters; its ``close()`` runs at the end; None: one by one).
     """
     retain_q = list(retain_questions or [])
     say = log or (lambda _msg: None)
