@@ -124,15 +124,15 @@ def test_lora_rtt_from_the_cli_recovers_the_unlearned_not_the_control(
     r = cli(
         "attack", "--attack", "lora_rtt", "--model", unlearned,
         "--original", pretrained_tiny["original"], "--control", pretrained_tiny["control"],
-        "--data", pretrained_tiny["world"], "--out", out, "--epochs", "3",
-        "--folds", "split_0,split_1", "--n-boot", "50",
+        "--data", pretrained_tiny["world"], "--out", out, "--epochs", "3", "--n-boot", "50",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     (s,) = res["summary"]
     assert s["attack"] == "lora_rtt" and s["dataset"].endswith("[lora_rtt]")
-    assert s["unlearned"] <= 0.5 and s["unlearned_rtt"] >= s["unlearned"] + 0.2  # it relearned
+    assert s["unlearned"] <= 0.5 and s["unlearned_rtt"] >= s["unlearned"] + 0.15  # it relearned
     assert s["control_rtt"] <= 0.5  # V cannot be guessed from T, adapters or not
+    assert s["unlearned_rtt"] > s["control_rtt"]  # above the floor: recovered, not taught
     for a in res["attacks"]:
         assert a["config"]["lora"]["rank"] == 8 and all(
             f["provenance"]["checked"] for f in a["folds"]
