@@ -191,6 +191,8 @@ def relearn(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     batched: bool | None = None,
+    trainable: Callable[[str], bool] | None = None,
+    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], Ensemble | None] | None = None,
 ) -> ModelAttack:
     """Fine-tune ``model`` on each fold's items for every lr in ``cfg.lrs``; the model is returned unchanged.
 
@@ -209,6 +211,10 @@ def relearn(
     runs then share one ``wall_time``): ``None`` decides automatically (see
     :func:`_ensemble_for`), ``False`` runs them one by one, ``True`` insists.
     ``config`` is stored as the record's config; ``name`` labels progress.
+    ``trainable(name)`` picks the parameters to update (LoRA-RTT: the
+    adapters only); the learning rates then run one by one unless
+    ``make_ensemble(model, lrs)`` builds the batched model for them
+    (LoRA-RTT's stacked adapters; its ``close()`` runs at the end; None: one by one).
     """
     retain_q = list(retain_questions or [])
     say = log or (lambda _msg: None)
@@ -217,7 +223,13 @@ def relearn(
     snapshot = snapshot_state(model)
     dtypes = [p.dtype for p in model.parameters()]
     precision = cast_for_precision(model, cfg.precision)  # undone below: model comes back as given
-    ensemble = _ensemble_for(model, cfg.lrs, batched, name)
+    if make_ensemble is not None:
+        wanted = batched or (batched is None and len(cfg.lrs) > 1)
+        ensemble = make_ensemble(model, cfg.lrs) if wanted else None
+    elif trainable is not None and batched:
+        raise ConfigError(f"batched {name} impossible: it trains a subset of the parameters")
+    else:
+        ensemble = None if trainable is not None else _ensemble_for(model, cfg.lrs, batched, name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fold_results: list[FoldAttack] = []
     warned: set[str] = set()
@@ -320,6 +332,7 @@ def relearn(
                                 lm_loss_fn,
                                 replace(rcfg, lr=lr),
                                 evaluate=evaluate,
+                                trainable=trainable,
                                 progress=f"{what} lr={lr:g}" if progress else None,
                             )
                         )
@@ -340,6 +353,8 @@ def relearn(
                 )
             )
     finally:
+        if ensemble is not None and hasattr(ensemble, "close"):
+            ensemble.close()
         cast_parameters(model, dtypes)
         restore_state(model, snapshot)
         model.train(was_training)
