@@ -78,7 +78,10 @@ def attack_cmd(
     data: Annotated[str, typer.Option(help="dataset directory (forget splits, retain, corpora)")],
     out: Annotated[Path, typer.Option(help="output directory for results and report")],
     attack: Annotated[
-        str, typer.Option(help="registered attack: rtt, retain_relearn (docs/architecture.md)")
+        str,
+        typer.Option(
+            help="registered attack: rtt, lora_rtt, retain_relearn, icl, quantize (docs/attacks.md)"
+        ),
     ] = "rtt",
     control: Annotated[
         str | None, typer.Option(help="a model that never learned the forget facts (floor)")

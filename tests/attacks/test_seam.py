@@ -212,3 +212,11 @@ def test_attacks_section_errors_name_file_line_and_field(
     r = cli("run", p, "--dry-run")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert expect in r.stderr, r.stderr
+
+
+def test_every_registered_attack_is_named_in_the_attack_commands_help(cli) -> None:
+    r = cli("attack", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for name in ATTACKS:
+        assert name in text, name
