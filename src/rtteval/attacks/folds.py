@@ -164,6 +164,17 @@ def _question_item(q: MCQ, split: str, loss: str, dataset: Dataset) -> TrainItem
     raise ConfigError(f"loss {loss!r} is not built from questions")
 
 
+def fold_names(dataset: Dataset, folds: Sequence[str] | None) -> list[str]:
+    """The V splits an attack runs on: ``folds`` (checked), or every forget split."""
+    vs = list(folds) if folds else dataset.split_names
+    unknown = [v for v in vs if v not in dataset.splits]
+    if unknown:
+        raise ConfigError(
+            f"unknown fold(s) {unknown}; forget splits are {dataset.split_names}", field="folds"
+        )
+    return vs
+
+
 def build_folds(dataset: Dataset, cfg: FoldSettings) -> list[Fold]:
     """One :class:`Fold` per V in ``cfg.folds`` (default: every forget split), T = the others.
 
@@ -175,10 +186,7 @@ def build_folds(dataset: Dataset, cfg: FoldSettings) -> list[Fold]:
     names = dataset.split_names
     if len(names) < 2:
         raise DataError(f"RTT needs at least 2 forget splits, the dataset has {names}")
-    vs = list(cfg.folds) if cfg.folds else names
-    unknown = [v for v in vs if v not in dataset.splits]
-    if unknown:
-        raise ConfigError(f"unknown fold(s) {unknown}; forget splits are {names}", field="folds")
+    vs = fold_names(dataset, cfg.folds)
     k = cfg.train_splits
     if k is not None and k > len(names) - 1:
         raise ConfigError(

@@ -145,7 +145,7 @@ class ICL:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> ModelAttack:
-        from rtteval.attacks.folds import question_id
+        from rtteval.attacks.folds import fold_names, question_id
         from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
         from rtteval.attacks.relearn import scoring_to_dict
         from rtteval.errors import ConfigError
@@ -159,12 +159,7 @@ class ICL:
             {k: v for k, v in config.items() if k in ICLConfig.model_fields and k != "name"}
         )
         scoring = scoring or scoring_for(dataset, batch_size=128)
-        vs = list(folds) if folds else dataset.split_names
-        unknown = [v for v in vs if v not in dataset.splits]
-        if unknown:
-            raise ConfigError(
-                f"unknown fold(s) {unknown}; forget splits are {dataset.split_names}", field="folds"
-            )
+        vs = fold_names(dataset, folds)
         retain_q = list(retain_questions or [])
 
         def acc(qs: Sequence[MCQ], sc: ScoringConfig) -> list[bool]:

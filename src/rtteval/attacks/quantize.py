@@ -155,10 +155,10 @@ class Quantize:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> ModelAttack:
-        from rtteval.attacks.folds import Fold, check_provenance, question_id
+        from rtteval.attacks.folds import Fold, check_provenance, fold_names, question_id
         from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
         from rtteval.attacks.relearn import scoring_to_dict
-        from rtteval.errors import ConfigError, DataError
+        from rtteval.errors import DataError
         from rtteval.models import restore_state, snapshot_state
         from rtteval.pretrain import scoring_for
         from rtteval.scoring import evaluate_mcq
@@ -170,12 +170,7 @@ class Quantize:
             {k: v for k, v in config.items() if k in QuantizeConfig.model_fields and k != "name"}
         )
         scoring = scoring or scoring_for(dataset, batch_size=128)
-        vs = list(folds) if folds else dataset.split_names
-        unknown = [v for v in vs if v not in dataset.splits]
-        if unknown:
-            raise ConfigError(
-                f"unknown fold(s) {unknown}; forget splits are {dataset.split_names}", field="folds"
-            )
+        vs = fold_names(dataset, folds)
         if not quantized_layers(model):
             raise DataError(f"{label}: the model has no linear layer to quantize")
         group = resolve_group(model, cfg.group_size)

@@ -107,19 +107,15 @@ class RetainRelearn:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> ModelAttack:
+        from rtteval.attacks.folds import fold_names
         from rtteval.attacks.relearn import relearn
-        from rtteval.errors import ConfigError, DataError
+        from rtteval.errors import DataError
         from rtteval.pretrain import scoring_for
         from rtteval.unlearn import retain_data
 
         seed = int(config.get("seed", 0))
         cfg = RetainRelearnConfig.model_validate({k: v for k, v in config.items() if k != "seed"})
-        vs = list(folds) if folds else dataset.split_names
-        unknown = [v for v in vs if v not in dataset.splits]
-        if unknown:
-            raise ConfigError(
-                f"unknown fold(s) {unknown}; forget splits are {dataset.split_names}", field="folds"
-            )
+        vs = fold_names(dataset, folds)
         rd = retain_data(dataset, retain_dataset, seed=seed)
         texts, sources = list(rd.texts), rd.text_sources
         if cfg.max_texts is not None and len(texts) > cfg.max_texts:
