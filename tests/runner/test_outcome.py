@@ -73,13 +73,19 @@ def test_status_tells_a_killed_driver_from_a_live_one(tmp_path: Path, cli) -> No
     assert info["interrupted"] == 0 and "interrupted" not in res.stderr
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_what_finished_and_how_to_resume(tmp_path: Path, cli) -> None:
     """SIGINT (Ctrl-C) through the console entry point: exit 130 and one line with the resume command."""
     p, out = _fake(tmp_path, sleep=0.1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "rtteval.cli", "run", str(p), "retries=0"]
+    # as from a terminal: a shell that started this suite in the background (CI harnesses, `cmd &`)
+    # passes SIGINT down as ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+                            env=env, preexec_fn=_default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and _n_done(out) < 2:
