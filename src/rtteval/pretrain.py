@@ -81,11 +81,6 @@ def retain_eval_name(dataset: Dataset) -> str | None:
     return next(iter(dataset.retain), None)
 
 
-def retain_train_name(dataset: Dataset) -> str | None:
-    m = dataset.manifest or {}
-    return m.get("retain_train") if m.get("retain_train") in dataset.retain else None
-
-
 def pretraining_passages(dataset: Dataset, exclude_forget: bool) -> list[Passage]:
     names = [n for n in dataset.corpus if not (exclude_forget and n in dataset.splits)]
     return [p for n in names for p in dataset.corpus[n]]

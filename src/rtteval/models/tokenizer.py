@@ -9,7 +9,6 @@ that ``AutoTokenizer.from_pretrained(dir)`` loads it like any hub tokenizer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -62,8 +61,3 @@ def train_word_tokenizer(
         model_max_length=model_max_length,
         padding_side="right",
     )
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out_dir))
