@@ -91,10 +91,8 @@ class TinyModel(_Strict):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: str) -> str:
-        try:
-            from rtteval.models.tiny import TINY_PRESETS
-        except ImportError:  # pragma: no cover - torch missing: checked when the job runs
-            return v
+        from rtteval.models.tiny import TINY_PRESETS
+
         if v not in TINY_PRESETS:
             raise ValueError(f"unknown tiny model preset {v!r}; known: {', '.join(TINY_PRESETS)}")
         return v
@@ -289,10 +287,8 @@ class MethodSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        try:
-            from rtteval.methods import METHODS
-        except ImportError:  # pragma: no cover - methods package not importable
-            return v
+        from rtteval.methods import METHODS
+
         if v.lower() not in METHODS:
             raise ValueError(
                 f"unknown unlearning method {v!r}; known: {', '.join(sorted(METHODS))}"
@@ -301,13 +297,11 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_params(self) -> MethodSpec:
-        try:
-            from dataclasses import fields
+        from dataclasses import fields
 
-            from rtteval.methods import METHODS
-            from rtteval.unlearn import UnlearnConfig
-        except ImportError:  # pragma: no cover
-            return self
+        from rtteval.methods import METHODS
+        from rtteval.unlearn import UnlearnConfig
+
         cls_ = METHODS.get(self.name)
         if cls_ is None:
             return self

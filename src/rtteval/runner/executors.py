@@ -113,11 +113,9 @@ def _run_in_worker(task: Task) -> TaskResult:
 
 
 def detect_gpus() -> int:
-    """Number of visible CUDA devices (0 without torch or CUDA)."""
-    try:
-        import torch
-    except ImportError:
-        return 0
+    """Number of visible CUDA devices (0 without CUDA)."""
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

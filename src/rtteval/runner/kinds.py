@@ -84,13 +84,10 @@ def _load(config: dict[str, Any], deps: list[Dep]) -> tuple[Any, Any]:
 def _free(*objs: Any) -> None:
     del objs
     gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- world / models
