@@ -23,7 +23,7 @@ union discriminated on ``name`` over the registered config types.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -66,6 +66,13 @@ class AttackConfig(BaseModel):
     #: False for an attack that changes no weight by training (``icl``, ``quantize``): its
     #: records have one point per setting, in the lr slot, at epoch 1 and no training loss.
     trains: ClassVar[bool] = True
+
+    @classmethod
+    def from_job(cls, config: dict[str, Any]) -> Self:
+        """This attack's settings from a job's stored config (which also holds seed and name)."""
+        return cls.model_validate(
+            {k: v for k, v in config.items() if k in cls.model_fields and k != "name"}
+        )
 
     def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         """The attack's own settings as stored in job keys and results (``run`` takes them)."""

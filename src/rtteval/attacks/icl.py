@@ -155,9 +155,7 @@ class ICL:
         t0 = time.perf_counter()
         say = log or (lambda _msg: None)
         seed = int(config.get("seed", 0))
-        cfg = ICLConfig.model_validate(
-            {k: v for k, v in config.items() if k in ICLConfig.model_fields and k != "name"}
-        )
+        cfg = ICLConfig.from_job(config)
         scoring = scoring or scoring_for(dataset, batch_size=128)
         vs = fold_names(dataset, folds)
         retain_q = list(retain_questions or [])

@@ -166,9 +166,7 @@ class Quantize:
         t0 = time.perf_counter()
         say = log or (lambda _msg: None)
         seed = int(config.get("seed", 0))
-        cfg = QuantizeConfig.model_validate(
-            {k: v for k, v in config.items() if k in QuantizeConfig.model_fields and k != "name"}
-        )
+        cfg = QuantizeConfig.from_job(config)
         scoring = scoring or scoring_for(dataset, batch_size=128)
         vs = fold_names(dataset, folds)
         if not quantized_layers(model):
