@@ -16,9 +16,9 @@ exists, so a run cut short still leaves its numbers):
 2. Training step, batch 4 (the paper's shape): (a) the baseline, as in
    benchmarks/paper_loop.py: shuffled batches padded to the longest, the HF
    model's own loss (``labels=``), Lion stepped parameter by parameter in a
-   Python loop; (b) rtteval: ``rtteval.train.train`` itself (foreach Lion,
+   Python loop; (b) rtteval: ``rtteval.training.loop.train`` itself (foreach Lion,
    ``lm_loss_fn`` through ``batch_logits``, bf16 autocast), on batches from
-   ``rtteval.train.make_batches`` (length bucketing).  Same lr, same Lion
+   ``rtteval.training.loop.make_batches`` (length bucketing).  Same lr, same Lion
    betas, no clipping, no warmup, constant lr: the same math.
 3. MCQ evaluation forward passes under ``torch.inference_mode``: batch 4
    (paper-shaped) and --eval-batch (default 64) through
@@ -93,7 +93,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rtteval.models.loading import snapshot_state  # noqa: E402
 from rtteval.scoring import forward_logits, position_ids_from_mask  # noqa: E402
-from rtteval.train import (  # noqa: E402
+from rtteval.training.loop import (  # noqa: E402
     PRECISIONS,
     TrainConfig,
     cast_parameters,
@@ -426,7 +426,7 @@ class Bench:
         precision: str = "auto",
         checkpointing: bool = False,
     ) -> dict:
-        """rtteval's step: ``rtteval.train.train`` itself on ``make_batches`` (bucketed) batches.
+        """rtteval's step: ``rtteval.training.loop.train`` itself on ``make_batches`` (bucketed) batches.
 
         ``snapshot`` holds a copy of the weights on the device meanwhile, as
         ``attack_model`` does (``snapshot_state``), to see whether RTT as run fits.
@@ -482,7 +482,7 @@ class Bench:
         epoch_real, epoch_padded = pad_stats(batches)
         rec["epoch_padding_efficiency"] = epoch_real / epoch_padded
         rec["what"] = (
-            "rtteval.train.train: foreach Lion, lm_loss_fn/batch_logits, bf16 autocast, "
+            "rtteval.training.loop.train: foreach Lion, lm_loss_fn/batch_logits, bf16 autocast, "
             "make_batches length bucketing" + (", torch.compile(dynamic=True)" if compiled else "")
         )
         if compiled:

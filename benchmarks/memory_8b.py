@@ -3,7 +3,7 @@
 Prints the table of docs/performance.md: weights, gradients, optimizer state,
 compensation, activations, the weight snapshot RTT keeps, their sum, and
 whether the sum fits an 80 GB and a 141 GB GPU.  The accounting follows what
-rtteval runs (``rtteval.train``): Lion's state, the temporaries of its step,
+rtteval runs (``rtteval.training.loop``): Lion's state, the temporaries of its step,
 HF Llama's saved activations with SDPA attention, the fp32 logits
 ``forward_logits`` returns and the log-softmax of the loss.
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rtteval.train import Lion
+from rtteval.training.loop import Lion
 
 
 def _params(preset: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:

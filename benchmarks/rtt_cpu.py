@@ -33,7 +33,7 @@ from rtteval.attacks.folds import build_folds  # noqa: E402
 from rtteval.attacks.rtt import RTTConfig, attack_model  # noqa: E402
 from rtteval.data import load_dataset  # noqa: E402
 from rtteval.models import load_model  # noqa: E402
-from rtteval.pretrain import retain_eval_name, scoring_for  # noqa: E402
+from rtteval.stages.pretrain import retain_eval_name, scoring_for  # noqa: E402
 
 
 def find_demo(root: Path) -> tuple[Path, Path] | None:

@@ -28,7 +28,7 @@ import torch
 from rtteval.data import load_dataset
 from rtteval.methods import METHODS
 from rtteval.models import load_model, restore_state, snapshot_state
-from rtteval.unlearn import UnlearnConfig, unlearn
+from rtteval.stages.unlearn import UnlearnConfig, unlearn
 
 
 def ensure_model(world: Path, model: Path, threads: int, seed: int = 0) -> None:
@@ -37,7 +37,7 @@ def ensure_model(world: Path, model: Path, threads: int, seed: int = 0) -> None:
 
         write_world(world, seed=seed, preset="small")
     if not (model / "config.json").exists():
-        from rtteval.pretrain import PretrainConfig, pretrain
+        from rtteval.stages.pretrain import PretrainConfig, pretrain
 
         torch.set_num_threads(threads)
         cfg = PretrainConfig(model_preset="tiny-1m", seed=seed)

@@ -43,7 +43,7 @@ def pretrained_tiny(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) 
     Shared by every test that needs a model that knows facts: unlearning,
     RTT and the pipeline all start from these.
     """
-    from rtteval.pretrain import PretrainConfig, pretrain
+    from rtteval.stages.pretrain import PretrainConfig, pretrain
 
     root = tmp_path_factory.mktemp("models")
     out = {}
@@ -69,7 +69,7 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
     """Run ``rtteval ARGS...`` in-process (importing torch per test in a subprocess costs seconds)."""
     import sys
 
-    from rtteval.cli import main
+    from rtteval.cli.main import main
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rtteval.cli import _one_line_warning
+from rtteval.cli.main import _one_line_warning
 from rtteval.errors import DataWarning
 from rtteval.outputs import MARKER
 

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from rtteval.attacks.rtt import RTTConfig, RTTSpec
-from rtteval.config import FinetuneSpec, load_config
+from rtteval.config.study import FinetuneSpec, load_config
 from rtteval.fidelity import load_settings, render_markdown
 from rtteval.methods import METHODS
-from rtteval.pretrain import FinetuneConfig
 from rtteval.scoring import ScoringConfig
-from rtteval.unlearn import UnlearnConfig, apply_point, expand_grid, resolve_config
+from rtteval.stages.pretrain import FinetuneConfig
+from rtteval.stages.unlearn import UnlearnConfig, apply_point, expand_grid, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = {p.stem: p for p in sorted((ROOT / "configs" / "paper").glob("*.yaml"))}
@@ -126,7 +126,7 @@ def test_random_birthdays_keeps_splits_5_to_9_as_retain(shared_datasets, tmp_pat
     """The paper config forgets split_0..4; split_5..9 become retain data, never forget folds."""
     from rtteval.data import load_dataset
     from rtteval.runner.plan import build_plan
-    from rtteval.unlearn import retain_data
+    from rtteval.stages.unlearn import retain_data
 
     rb = load_dataset(shared_datasets / "random_bd")
     forget, retain = rb.split_off([f"split_{k}" for k in range(5, 10)])
@@ -149,7 +149,7 @@ def test_random_birthdays_keeps_splits_5_to_9_as_retain(shared_datasets, tmp_pat
 
 def test_mcq_answer_finetuning_puts_the_loss_on_the_answer_only(pretrained_tiny, monkeypatch):
     """FinetuneConfig.paper()'s loss: every answered MCQ once, loss on `` L. choice`` and EOS only."""
-    import rtteval.pretrain as pt
+    import rtteval.stages.pretrain as pt
     from rtteval.data import load_dataset
     from rtteval.models import load_model
     from rtteval.scoring import continuation_ids, format_mcq

@@ -66,7 +66,7 @@ def _owned(marker: dict[str, Any] | None) -> list[str]:
 
 
 def _write_marker(out: Path, kind: str, entries: Iterable[str]) -> None:
-    from rtteval.store import write_json_atomic
+    from rtteval.atomic import write_json_atomic
 
     write_json_atomic(out / MARKER, {"kind": kind, "entries": sorted(set(entries))})
 

@@ -13,8 +13,8 @@ from rtteval.attacks.records import ModelAttack
 from rtteval.data import load_dataset
 from rtteval.data.types import MCQ
 from rtteval.models import load_model
-from rtteval.pretrain import scoring_for
 from rtteval.scoring import ScoringConfig, letter_prompt
+from rtteval.stages.pretrain import scoring_for
 from tests.attacks._nontraining import assert_at_chance, cli_args, run_cli, run_yaml
 
 

@@ -15,7 +15,7 @@ from rtteval.attacks.rtt import RTTConfig
 from rtteval.data import load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import load_model, snapshot_state
-from rtteval.pretrain import scoring_for
+from rtteval.stages.pretrain import scoring_for
 from tests.attacks.test_rtt import _crude_unlearn
 
 

@@ -25,8 +25,8 @@ from rtteval.data import MCQ, Dataset, Passage, load_dataset
 from rtteval.data.world import QA_TEMPLATE
 from rtteval.errors import ConfigError, DataError
 from rtteval.models import build_tiny_model, snapshot_state, train_word_tokenizer
-from rtteval.pretrain import scoring_for, world_texts
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
+from rtteval.stages.pretrain import scoring_for, world_texts
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -409,7 +409,7 @@ def test_attack_model_other_losses_and_retain_modes(world: Dataset, fresh, loss,
 def _crude_unlearn(src: Path, dst: Path, world: Dataset) -> None:
     """A cheap stand-in for unlearning: gradient ascent on the forget corpus until forget acc <= 0.35."""
     from rtteval.models import load_model, save_model
-    from rtteval.train import TrainConfig, encode_texts, make_batches, nll_loss, train
+    from rtteval.training.loop import TrainConfig, encode_texts, make_batches, nll_loss, train
 
     model, tok = load_model(src, device="cpu")
     sc = scoring_for(world)

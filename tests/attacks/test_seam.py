@@ -13,13 +13,13 @@ from rtteval.attacks import ATTACKS, get_attack
 from rtteval.attacks.folds import ProvenanceError
 from rtteval.attacks.records import ModelAttack
 from rtteval.attacks.retain_relearn import RETAIN, retain_folds
-from rtteval.config import load_config
+from rtteval.config.study import load_config
 from rtteval.data import load_dataset
 from rtteval.data.world import QA_TEMPLATE
 from rtteval.models import load_model, snapshot_state
-from rtteval.pretrain import retain_eval_name
 from rtteval.runner.plan import build_plan
-from rtteval.unlearn import retain_data
+from rtteval.stages.pretrain import retain_eval_name
+from rtteval.stages.unlearn import retain_data
 
 
 @pytest.fixture(autouse=True, scope="module")

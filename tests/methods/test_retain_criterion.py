@@ -26,8 +26,8 @@ import torch
 from rtteval.data import load_dataset
 from rtteval.data.world import write_world
 from rtteval.models import load_model, restore_state, snapshot_state
-from rtteval.pretrain import PretrainConfig, pretrain
-from rtteval.unlearn import UnlearnConfig, unlearn
+from rtteval.stages.pretrain import PretrainConfig, pretrain
+from rtteval.stages.unlearn import UnlearnConfig, unlearn
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rtteval.config import load_config
+from rtteval.config.study import load_config
 from rtteval.runner.driver import run_study
 
 REPO = Path(__file__).resolve().parents[2]

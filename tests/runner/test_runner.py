@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rtteval.config import load_config
+from rtteval.config.study import load_config
 from rtteval.runner.driver import run_study
 from rtteval.runner.store import Store
 

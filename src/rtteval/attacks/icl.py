@@ -149,8 +149,8 @@ class ICL:
         from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
         from rtteval.attacks.relearn import scoring_to_dict
         from rtteval.errors import ConfigError
-        from rtteval.pretrain import scoring_for
         from rtteval.scoring import evaluate_mcq
+        from rtteval.stages.pretrain import scoring_for
 
         t0 = time.perf_counter()
         say = log or (lambda _msg: None)

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from rtteval.attacks.base import AttackConfig, register_attack
 from rtteval.attacks.rtt import RTTSpec
-from rtteval.train import Ensemble
+from rtteval.training.loop import Ensemble
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -141,7 +141,7 @@ class LoraEnsemble(Ensemble):
 
     Memory grows with adapters, not with copies of the model: each LoRA
     layer's A and B are stacked ``[G, ...]`` (views of one flat buffer per
-    member, as :class:`rtteval.train.Ensemble`'s, so :func:`rtteval.train.train`
+    member, as :class:`rtteval.training.loop.Ensemble`'s, so :func:`rtteval.training.loop.train`
     optimizes, clips and freezes per member), and a forward hook on the layer
     adds member g's ``B_g A_g x`` to the shared base output with ``bmm``.
     peft's own adapters are switched off while the ensemble lives
@@ -291,7 +291,7 @@ class LoraRTT:
         from rtteval.attacks.folds import build_folds, check_provenance, resolve_loss
         from rtteval.attacks.relearn import relearn
         from rtteval.attacks.rtt import RTTConfig
-        from rtteval.pretrain import scoring_for
+        from rtteval.stages.pretrain import scoring_for
 
         cfg = RTTConfig.from_dict(config)
         if folds:

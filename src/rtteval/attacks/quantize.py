@@ -160,8 +160,8 @@ class Quantize:
         from rtteval.attacks.relearn import scoring_to_dict
         from rtteval.errors import DataError
         from rtteval.models import restore_state, snapshot_state
-        from rtteval.pretrain import scoring_for
         from rtteval.scoring import evaluate_mcq
+        from rtteval.stages.pretrain import scoring_for
 
         t0 = time.perf_counter()
         say = log or (lambda _msg: None)

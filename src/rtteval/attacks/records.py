@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rtteval.metrics import CurvePoint
+from rtteval.analysis.metrics import CurvePoint
 
 # --------------------------------------------------------------------------- results
 

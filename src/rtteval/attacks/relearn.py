@@ -4,7 +4,7 @@ An attack decides *what* is trained on (its :class:`~rtteval.attacks.folds.Fold`
 items: T's facts for RTT, retain text for retain-only relearning); this
 module decides *how*: for each fold and learning rate, the model's initial
 weights are restored from an in-memory snapshot, it is fine-tuned with
-:func:`rtteval.train.train`, and V (the fold's held-out slice, and per
+:func:`rtteval.training.loop.train`, and V (the fold's held-out slice, and per
 ``retain_eval`` the retain questions) is evaluated after every epoch.  The
 caller gets its model back unchanged, and the records of
 :mod:`rtteval.attacks.records`.
@@ -27,7 +27,7 @@ from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError
 from rtteval.models import restore_state, snapshot_state
 from rtteval.scoring import ScoringConfig, check_context, continuation_ids, evaluate_mcq
-from rtteval.train import (
+from rtteval.training.loop import (
     Ensemble,
     TrainConfig,
     TrainResult,
@@ -207,7 +207,7 @@ def relearn(
     caller's to check, immediately before calling this.
 
     ``batched`` trains a fold's learning rates together as one
-    :class:`rtteval.train.Ensemble` (same numbers, up to float rounding; the
+    :class:`rtteval.training.loop.Ensemble` (same numbers, up to float rounding; the
     runs then share one ``wall_time``): ``None`` decides automatically (see
     :func:`_ensemble_for`), ``False`` runs them one by one, ``True`` insists.
     ``config`` is stored as the record's config; ``name`` labels progress.

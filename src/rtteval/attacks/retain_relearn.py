@@ -11,7 +11,7 @@ Its provenance: every forget split's facts are searched for in the retain
 training texts (:func:`rtteval.attacks.folds.check_provenance` with each
 forget split as V), so a retain corpus that states a forget fact fails
 before any training.  The retain texts are
-:func:`rtteval.unlearn.retain_data`'s, the ones unlearning trains its retain
+:func:`rtteval.stages.unlearn.retain_data`'s, the ones unlearning trains its retain
 loss on, and never the retain questions that are evaluated.
 
 This module is the whole attack: config type, provenance, ``run``.
@@ -110,8 +110,8 @@ class RetainRelearn:
         from rtteval.attacks.folds import fold_names
         from rtteval.attacks.relearn import relearn
         from rtteval.errors import DataError
-        from rtteval.pretrain import scoring_for
-        from rtteval.unlearn import retain_data
+        from rtteval.stages.pretrain import scoring_for
+        from rtteval.stages.unlearn import retain_data
 
         seed = int(config.get("seed", 0))
         cfg = RetainRelearnConfig.model_validate({k: v for k, v in config.items() if k != "seed"})

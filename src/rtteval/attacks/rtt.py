@@ -45,11 +45,11 @@ from rtteval.attacks.folds import (
 )
 from rtteval.attacks.records import ModelAttack
 from rtteval.attacks.relearn import relearn
-from rtteval.config import LocatedError
+from rtteval.config.study import LocatedError
 from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError, UserError
 from rtteval.scoring import ScoringConfig
-from rtteval.train import Precision, check_precision
+from rtteval.training.loop import Precision, check_precision
 
 __all__ = ["RTT", "RTTConfig", "RTTSpec", "attack_model"]
 
@@ -260,7 +260,7 @@ def attack_model(
     """
     cfg = (cfg or RTTConfig()).validate()
     if scoring is None:
-        from rtteval.pretrain import scoring_for
+        from rtteval.stages.pretrain import scoring_for
 
         scoring = scoring_for(dataset, batch_size=128)
     folds = list(folds) if folds is not None else build_folds(dataset, cfg)

@@ -2,10 +2,10 @@
 
 A method is a small class: its name, which corpus it trains on, default
 hyperparameters per model scale, a default sweep grid, and :meth:`Method.build`,
-which returns ``(loss_fn, trainable)`` for :func:`rtteval.train.train`.  The
-unlearning loop (:mod:`rtteval.unlearn`) hands every ``loss_fn`` a batch
+which returns ``(loss_fn, trainable)`` for :func:`rtteval.training.loop.train`.  The
+unlearning loop (:mod:`rtteval.stages.unlearn`) hands every ``loss_fn`` a batch
 ``{"forget": ..., "retain": ...}`` of padded token batches (see
-:func:`rtteval.train.pad_batch`), so a method never sees data loading,
+:func:`rtteval.training.loop.pad_batch`), so a method never sees data loading,
 optimizers or evaluation.
 """
 
@@ -20,10 +20,10 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from rtteval.config import Precision
+from rtteval.config.study import Precision
 from rtteval.data import Dataset
 from rtteval.errors import ConfigError
-from rtteval.train import Batch, LossFn, batch_logits, nll_loss
+from rtteval.training.loop import Batch, LossFn, batch_logits, nll_loss
 
 Trainable = Callable[[str], bool] | None
 
@@ -87,7 +87,7 @@ def num(kind: type, **bounds: float) -> Any:
     return Annotated[kind, Field(strict=True, **extra, **bounds)]
 
 
-#: Declared types of the :class:`rtteval.unlearn.UnlearnConfig` fields that a
+#: Declared types of the :class:`rtteval.stages.unlearn.UnlearnConfig` fields that a
 #: study's ``grid``/``fixed`` (or ``unlearn --grid``) may set; a method's own
 #: hyperparameters are declared in its ``hparam_types``.  A negative
 #: ``target_forget_acc`` means "no early stopping" (UnlearnConfig says why).
@@ -161,7 +161,7 @@ class Method:
 
     ``defaults[scale]`` mixes training settings (``lr``, ``optimizer``,
     ``epochs``, ``max_steps``, ``target_forget_acc``; these fill the
-    :class:`rtteval.unlearn.UnlearnConfig` fields the user left unset) and
+    :class:`rtteval.stages.unlearn.UnlearnConfig` fields the user left unset) and
     the method's own hyperparameters (everything else).  ``grid[scale]`` is the
     default sweep: a key that names an ``UnlearnConfig`` field sets that
     field, any other key sets a method hyperparameter.

@@ -35,7 +35,7 @@ from rtteval.methods.base import (
     num,
 )
 from rtteval.methods.losses import rmu_forget_loss, rmu_retain_loss
-from rtteval.train import LossFn, pad_batch
+from rtteval.training.loop import LossFn, pad_batch
 
 
 def default_layer(n_layers: int) -> int:

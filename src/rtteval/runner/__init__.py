@@ -1,6 +1,6 @@
 """The experiment runner: YAML study -> job DAG -> executors -> SQLite store -> report.
 
-* :mod:`rtteval.config` — the study config (pydantic) and YAML loading with line numbers;
+* :mod:`rtteval.config.study` — the study config (pydantic) and YAML loading with line numbers;
 * :mod:`rtteval.runner.plan` — config -> jobs (world, pretrain, finetune, unlearn, select, attack);
 * :mod:`rtteval.runner.jobs` — job keys (content hashes), the kind registry, the worker wrapper;
 * :mod:`rtteval.runner.kinds` — the built-in job kinds;

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtteval.config import ExecutorSpec, LoadedConfig, StudyConfig
+from rtteval.atomic import write_text_atomic
+from rtteval.config.study import ExecutorSpec, LoadedConfig, StudyConfig
 from rtteval.errors import UserError
 from rtteval.outputs import ResumableOutput
 from rtteval.runner.executors import (
@@ -47,7 +48,6 @@ from rtteval.runner.jobs import (
 )
 from rtteval.runner.plan import Plan, build_plan
 from rtteval.runner.store import FINAL_OK, Store
-from rtteval.store import write_text_atomic
 
 REPORT_EVERY_S = 60.0
 
@@ -144,7 +144,7 @@ def driver_alive(out_dir: Path) -> bool:
 
 
 def make_executor(spec: ExecutorSpec) -> Executor:
-    """An executor for the config (see :class:`rtteval.config.ExecutorSpec`)."""
+    """An executor for the config (see :class:`rtteval.config.study.ExecutorSpec`)."""
     workers = None if spec.workers == "auto" else int(spec.workers)
     if spec.kind == "sequential":
         return SequentialExecutor(spec.threads_per_worker)

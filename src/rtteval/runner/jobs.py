@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rtteval.store import write_json_atomic
+from rtteval.atomic import write_json_atomic
 
 #: Modules whose import registers the built-in job kinds (imported lazily so
 #: that neither the driver nor a worker imports torch before it needs it).

@@ -1,8 +1,8 @@
 """The built-in job kinds: world, pretrain, finetune, unlearn, select, attack.
 
 Each is a thin adapter from a job config (see :mod:`rtteval.runner.plan`)
-to the library functions that do the work (:func:`rtteval.pretrain.pretrain`,
-:func:`rtteval.unlearn.unlearn`, the registered attack), writing its outputs
+to the library functions that do the work (:func:`rtteval.stages.pretrain.pretrain`,
+:func:`rtteval.stages.unlearn.unlearn`, the registered attack), writing its outputs
 into ``job_dir`` and returning ``(metrics, artifacts[, status])``.  Heavy
 imports happen inside the functions: the driver imports this module to look
 kinds up and must not pay for torch unless it runs a job itself.
@@ -14,8 +14,8 @@ import gc
 from pathlib import Path
 from typing import Any
 
+from rtteval.atomic import write_json_atomic
 from rtteval.runner.jobs import Dep, JobOutput, job_kind
-from rtteval.store import write_json_atomic
 
 MODEL_STAGES = ("pretrain", "finetune", "select")
 
@@ -111,7 +111,7 @@ def world_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutp
 @job_kind("pretrain")
 def pretrain_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
     """Pretrain a tiny model on the world: the original, or the never-learned control."""
-    from rtteval.pretrain import PretrainConfig, pretrain
+    from rtteval.stages.pretrain import PretrainConfig, pretrain
 
     data, _ = _data_dirs({"data": {"from": "world"}}, deps)
     cfg = PretrainConfig(
@@ -133,11 +133,11 @@ def finetune_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
     """Teach the model the dataset's facts first (the paper's Random Birthdays setup).
 
     The model is a hub model, or the tiny never-learned control pretrained
-    on the same world; :func:`rtteval.pretrain.finetune_facts` trains it on
+    on the same world; :func:`rtteval.stages.pretrain.finetune_facts` trains it on
     the forget facts (replaying retain text) until ``target_accuracy``.
     """
     from rtteval.data import load_dataset
-    from rtteval.pretrain import FinetuneConfig, finetune_facts
+    from rtteval.stages.pretrain import FinetuneConfig, finetune_facts
 
     data, _ = _data_dirs(config, deps)
     cfg = FinetuneConfig(
@@ -166,7 +166,7 @@ def finetune_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
 def unlearn_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
     """One grid point of one method: unlearn from the original, save the model and metrics."""
     from rtteval.models import save_model
-    from rtteval.unlearn import UnlearnConfig, apply_point, unlearn
+    from rtteval.stages.unlearn import UnlearnConfig, apply_point, unlearn
 
     ds, retain_ds = _datasets(config, deps)
     cfg = apply_point(
@@ -200,14 +200,14 @@ def unlearn_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOu
 
 @job_kind("select", inline=True, uses_torch=False, gpu=False)
 def select_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
-    """Pick the grid point by the selection rule (:func:`rtteval.unlearn.select_point`).
+    """Pick the grid point by the selection rule (:func:`rtteval.stages.unlearn.select_point`).
 
     Lowest forget accuracy among points that did not diverge and kept retain
     accuracy >= the original's minus ``retain_threshold``.  Nothing
     qualifying is a result, not an error: the job is ``skipped`` and so are
     the attacks on this method, and the report says so.
     """
-    from rtteval.unlearn import select_point
+    from rtteval.stages.unlearn import select_point
 
     units = [d for d in deps if d.stage == "unlearn"]
     units.sort(key=lambda d: d.config.get("index", 0))
@@ -251,14 +251,14 @@ def select_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
 def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
     """One (model, fold) of the registered attack ``config["attack"]``, settings under its name."""
     from rtteval.attacks import get_attack
-    from rtteval.pretrain import retain_eval_name, scoring_for
+    from rtteval.stages.pretrain import retain_eval_name, scoring_for
 
     ds, retain_ds = _datasets(config, deps)
     fold = config["fold"]
     if fold not in ds.splits:
         raise ValueError(f"fold {fold!r} is not a forget split of {ds.root} ({ds.split_names})")
     if retain_ds is not None:
-        from rtteval.unlearn import retain_data
+        from rtteval.stages.unlearn import retain_data
 
         retain_q = list(retain_data(ds, retain_ds, seed=config["seed"]).eval_questions)
     else:

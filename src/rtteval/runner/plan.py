@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtteval.config import DatasetSpec, StudyConfig
+from rtteval.config.study import DatasetSpec, StudyConfig
 from rtteval.errors import ConfigError
 from rtteval.runner.jobs import Job
 
@@ -338,7 +338,7 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
 
             for m in cfg.methods:
                 from rtteval.methods import get_method
-                from rtteval.unlearn import expand_grid
+                from rtteval.stages.unlearn import expand_grid
 
                 model, deps = model_source(sc, original, original_ref)
                 points = expand_grid(dict(m.grid))

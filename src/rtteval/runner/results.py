@@ -3,7 +3,7 @@
 Each attack job saved one fold of one model (``attack.json``, a one-fold
 :class:`~rtteval.attacks.records.ModelAttack`).  Here the folds of each model
 are put back together in plan order and handed to
-:func:`rtteval.report.build_results`, which needs every model of a dataset
+:func:`rtteval.analysis.report.build_results`, which needs every model of a dataset
 to cover the same folds (its bootstrap pairs questions).  On partial
 results we therefore report the folds the original model has finished,
 include the control only if it covers them, and include a method only if
@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rtteval.atomic import write_text_atomic
 from rtteval.errors import UserError
 from rtteval.runner.jobs import decode_artifacts
 from rtteval.runner.plan import AttackGroup, Plan
 from rtteval.runner.store import DB_NAME, Store
-from rtteval.store import write_text_atomic
 
 
 def _load_attack(out_dir: Path, artifacts: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -70,7 +70,7 @@ def _study_results(
     plan: Plan, store: Store, out_dir: Path, *, n_boot: int, study: str
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """:func:`build_study_results`, and what every dataset (reported or not) is missing."""
-    from rtteval.report import build_results, merge_results
+    from rtteval.analysis.report import build_results, merge_results
 
     per_dataset_missing: list[list[str]] = []
     rows = {r.key: r for r in store.rows(stage="attack")}
@@ -216,7 +216,7 @@ def write_study_report(
     ``explain=False`` (the driver's reports while a study runs) writes
     nothing and returns None then.
     """
-    from rtteval.report import write_report
+    from rtteval.analysis.report import write_report
 
     results, missing = _study_results(plan, store, out_dir, n_boot=n_boot, study=study)
     if results is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rtteval.config import LoggingSpec
+from rtteval.config.study import LoggingSpec
 from rtteval.errors import ConfigError
 
 

@@ -1,0 +1,1 @@
+"""From job records to numbers: metrics and intervals, results.json, report.md, findings."""

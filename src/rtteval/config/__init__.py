@@ -1,0 +1,1 @@
+"""The study schema (each stage's settings embedded), YAML with line tracking, overrides."""

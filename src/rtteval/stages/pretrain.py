@@ -1,0 +1,413 @@
+"""Pretraining a tiny model from scratch on a world (the embedded default).
+
+The control model (``exclude_forget=True``) is trained the same way on the
+same world minus the forget facts, with the same tokenizer vocabulary, so
+that "never learned + RTT" is a fair floor for the attack.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rtteval.atomic import write_json_atomic
+from rtteval.data import Dataset, Passage, load_dataset
+from rtteval.errors import ConfigError
+from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
+from rtteval.models.loading import write_model_files
+from rtteval.outputs import check_output, staged_output
+from rtteval.scoring import ScoringConfig, evaluate_mcq
+from rtteval.training.loop import (
+    Precision,
+    TrainConfig,
+    cast_for_precision,
+    encode_texts,
+    lm_loss_fn,
+    make_batches,
+    train,
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining hyperparameters (defaults measured on 2 CPU cores, see docs/)."""
+
+    model_preset: str = "tiny-1m"
+    lr: float = 3e-3
+    batch_size: int = 64
+    max_epochs: int = 120
+    warmup_steps: int = 30
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    target_accuracy: float = 0.97
+    eval_every_epochs: int = 2
+    seed: int = 0
+    exclude_forget: bool = False
+    anneal_epochs: int = 10
+    precision: Precision = "auto"
+
+
+def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
+    """Likelihood scoring with the world's prompt for a world; the paper's letter format otherwise."""
+    m = dataset.manifest or {}
+    if m.get("format") == "rtteval-world":
+        return ScoringConfig(
+            mode="likelihood", likelihood_prompt=m["likelihood_prompt"], batch_size=batch_size
+        )
+    return ScoringConfig(mode="letter", batch_size=batch_size, dev=list(dataset.dev))
+
+
+def world_texts(dataset: Dataset) -> list[str]:
+    """Every string of the world, so the tokenizer knows every word any stage will show it."""
+    out: list[str] = []
+    for table in (dataset.corpus, dataset.wrong_corpus, dataset.fixed_wrong_corpus):
+        for ps in table.values():
+            out.extend(p.text for p in ps)
+    for qs in [*dataset.splits.values(), *dataset.retain.values(), dataset.dev]:
+        for q in qs:
+            out.append(q.question)
+            out.extend(q.choices)
+    return out
+
+
+def retain_eval_name(dataset: Dataset) -> str | None:
+    m = dataset.manifest or {}
+    if m.get("retain_eval") in dataset.retain:
+        return m["retain_eval"]
+    return next(iter(dataset.retain), None)
+
+
+def pretraining_passages(dataset: Dataset, exclude_forget: bool) -> list[Passage]:
+    names = [n for n in dataset.corpus if not (exclude_forget and n in dataset.splits)]
+    return [p for n in names for p in dataset.corpus[n]]
+
+
+def _fact_evaluator(tokenizer, forget_q, retain_q, scoring: ScoringConfig):
+    """Forget and (held-out) retain accuracy: what pretraining and fine-tuning stop on."""
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        row = {"forget_acc": evaluate_mcq(m, tokenizer, forget_q, scoring).accuracy}
+        if retain_q:
+            row["retain_acc"] = evaluate_mcq(m, tokenizer, retain_q, scoring).accuracy
+        return row
+
+    return evaluate
+
+
+def _epoch_texts(passages: list[Passage], epoch: int) -> list[str]:
+    """Passages for one epoch: a biography with a ``variant`` is shown only in its epoch slot."""
+    n_var = 1 + max((int(p.extra.get("variant", 0)) for p in passages), default=0)
+    return [
+        p.text
+        for p in passages
+        if "variant" not in p.extra or int(p.extra["variant"]) == epoch % n_var
+    ]
+
+
+def pretrain(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: PretrainConfig | None = None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train a tiny Llama from scratch on ``data_dir`` and save it to ``out_dir``.
+
+    Warmup-stable-decay, as modern LM pretraining does: the constant-lr phase
+    stops as soon as every evaluated set reaches ``target_accuracy`` (for the
+    control: the retain set; its forget accuracy should stay at chance), then
+    ``anneal_epochs`` more epochs decay the lr linearly to zero.  The decay
+    matters for unlearning: a model stopped at the constant lr holds its
+    facts so loosely that any update (even fine-tuning on other facts of the
+    same world) erases unrehearsed ones, so no method could unlearn the
+    forget facts without wrecking held-out retain facts (docs/methods.md).
+    """
+    cfg = cfg or PretrainConfig()
+    dataset = load_dataset(data_dir)
+    check_output(out_dir, overwrite=overwrite, kind="model")  # before hours of training
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tokenizer = train_word_tokenizer(world_texts(dataset))
+    model = build_tiny_model(cfg.model_preset, tokenizer, seed=cfg.seed)
+    passages = pretraining_passages(dataset, cfg.exclude_forget)
+    scoring = scoring_for(dataset)
+    forget_q = dataset.questions()
+    r_name = retain_eval_name(dataset)
+    retain_q = dataset.retain[r_name] if r_name else []
+
+    cache: dict[int, list[list[int]]] = {}
+
+    def batches(epoch: int):
+        texts = _epoch_texts(passages, epoch)
+        key = hash(tuple(texts))
+        if key not in cache:
+            cache.clear()
+            cache[key] = encode_texts(tokenizer, texts)
+        return make_batches(
+            cache[key], cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed * 100003 + epoch
+        )
+
+    evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
+
+    def stop(row: dict[str, Any]) -> bool:
+        keys = ["retain_acc"] if cfg.exclude_forget else ["forget_acc", "retain_acc"]
+        keys = [k for k in keys if k in row]
+        return bool(keys) and all(row[k] >= cfg.target_accuracy for k in keys)
+
+    tcfg = TrainConfig(
+        lr=cfg.lr,
+        epochs=cfg.max_epochs,
+        optimizer="adamw",
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        schedule=cfg.schedule,
+        grad_clip=1.0,
+        seed=cfg.seed,
+        eval_every_epochs=cfg.eval_every_epochs,
+        precision=cfg.precision,
+    )
+    return _learn_and_save(
+        model,
+        tokenizer,
+        batches,
+        tcfg,
+        evaluate,
+        stop,
+        label="pretrain control" if cfg.exclude_forget else "pretrain",
+        progress=progress,
+        out_dir=out_dir,
+        overwrite=overwrite,
+        anneal_epochs=cfg.anneal_epochs,
+        metrics={
+            "kind": "control" if cfg.exclude_forget else "original",
+            "data": str(Path(data_dir)),
+            "config": asdict(cfg),
+            "n_params": n_params(model),
+            "n_passages": len(passages),
+        },
+    )
+
+
+def _learn_and_save(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batches: Any,
+    tcfg: TrainConfig,
+    evaluate: Any,
+    stop: Any,
+    *,
+    label: str,
+    progress: bool,
+    out_dir: str | Path,
+    metrics: dict[str, Any],
+    anneal_epochs: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train until the facts are known, anneal, save the model and its ``pretrain.json``.
+
+    The anneal phase is the same loop again on the same data, its lr decaying
+    linearly from ``tcfg.lr`` to zero over ``anneal_epochs`` epochs; its
+    batches continue the epoch numbering, so it sees fresh shuffles.
+    """
+    result = train(
+        model,
+        batches,
+        lm_loss_fn,
+        tcfg,
+        evaluate=evaluate,
+        stop=stop,
+        progress=label if progress else None,
+    )
+    anneal = None
+    if anneal_epochs > 0 and result.status != "diverged":
+        offset = result.epochs_run
+        acfg = replace(
+            tcfg, epochs=anneal_epochs, warmup_steps=0, schedule="linear", min_lr_ratio=0.0,
+            eval_every_epochs=None, eval_every_steps=None, eval_at_start=False,
+        )  # fmt: skip
+        anneal = train(
+            model,
+            lambda e: batches(offset + e),
+            lm_loss_fn,
+            acfg,
+            progress=f"{label}: anneal" if progress else None,
+        )
+    final = result.history[-1] if result.history and anneal is None else evaluate(model)
+    metrics = {
+        **metrics,
+        "status": result.status,
+        "forget_acc": final.get("forget_acc"),
+        "retain_acc": final.get("retain_acc"),
+        "reached_target": result.status == "stopped_early",
+        "train": result.to_dict(),
+    }
+    if anneal is not None:
+        metrics["anneal"] = {**anneal.to_dict(), "after": final}
+    with staged_output(out_dir, overwrite=overwrite, kind="model") as stage:
+        write_model_files(model, tokenizer, stage)
+        write_json_atomic(stage / "pretrain.json", metrics)
+    return metrics
+
+
+@dataclass
+class FinetuneConfig:
+    """Learning the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime).
+
+    The base model never saw the forget facts (the tiny never-learned
+    control, or a hub model for facts it cannot know); this phase trains on
+    their corpus (or, without one, on the questions written out with their
+    answers), replaying the retain corpus at ``replay_ratio`` so that
+    fine-tuning does not erase what pretraining taught.  It stops when every
+    evaluated accuracy (forget, and held-out retain where the dataset has
+    it) reaches ``target_accuracy`` (``None``: run all ``max_epochs``).
+    ``loss``: ``corpus`` learns the facts from their prose (or, without
+    any, from the answered questions); ``mcq_answer`` from the answered
+    questions with loss on the answer only (the paper's LETTER_ANSWER).
+    ``grad_clip``: ``None`` clips nothing.  Defaults are for the tiny
+    models; :meth:`paper` is the paper's Random Birthdays fine-tuning.
+    """
+
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_epochs: int = 80
+    warmup_steps: int = 10
+    replay_ratio: float = 0.5
+    target_accuracy: float | None = 0.97
+    eval_every_epochs: int = 2
+    optimizer: str = "adamw"
+    loss: str = "corpus"
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    precision: Precision = "auto"
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> FinetuneConfig:
+        """The paper's Random Birthdays fine-tuning (docs/paper-fidelity.md gives the sources).
+
+        Lion at 1e-6, 6 epochs of batch 4 over every split's MCQs with the
+        answer-only loss, warmup over 24 steps, no clipping, no replay.
+        """
+        base: dict[str, Any] = dict(
+            lr=1e-6, batch_size=4, max_epochs=6, warmup_steps=24, replay_ratio=0.0,
+            target_accuracy=None, eval_every_epochs=1, optimizer="lion", loss="mcq_answer",
+            grad_clip=None,
+        )  # fmt: skip
+        base.update(overrides)
+        return cls(**base)
+
+
+def finetune_facts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Dataset,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    *,
+    progress: bool = True,
+    metrics: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``dataset``'s forget facts until known; save it to ``out_dir``.
+
+    The one fine-tune-first implementation: ``rtteval finetune`` and the
+    runner's ``finetune`` job both call it.  Returns the metrics written to
+    ``out_dir/pretrain.json`` (``before``/after accuracies, ``status``).
+    """
+    from rtteval.attacks.folds import TrainItem
+    from rtteval.attacks.relearn import encode_items
+    from rtteval.scoring import format_mcq
+
+    cfg = cfg or FinetuneConfig()
+    if cfg.loss not in ("corpus", "mcq_answer"):
+        raise ConfigError(f"must be 'corpus' or 'mcq_answer', got {cfg.loss!r}", field="loss")
+    forget_texts = [p.text for n in dataset.splits for p in dataset.corpus.get(n, [])]
+    if cfg.loss == "mcq_answer" or not forget_texts:
+        forget_texts = [format_mcq(q, with_answer=True) for q in dataset.questions()]
+    replay = [p.text for n in dataset.corpus if n not in dataset.splits for p in dataset.corpus[n]]
+    rng = random.Random(cfg.seed)
+    scoring = scoring_for(dataset)
+    forget_q = dataset.questions()
+    r_name = retain_eval_name(dataset)
+    retain_q = dataset.retain[r_name] if r_name else []
+    forget_masks: list[list[int]] | None = None
+    if cfg.loss == "mcq_answer":
+        items = [
+            TrainItem(
+                format_mcq(q, with_answer=True), "", "", prompt=format_mcq(q), source=q.source
+            )
+            for q in dataset.questions()
+        ]
+        forget_ids, forget_masks = encode_items(tokenizer, items)
+    else:
+        forget_ids = encode_texts(tokenizer, forget_texts)
+    replay_ids = encode_texts(tokenizer, replay)
+    n_replay = min(len(replay_ids), int(round(cfg.replay_ratio * len(forget_ids))))
+
+    def batches(epoch: int):
+        r = random.Random(cfg.seed * 7919 + epoch)
+        extra = r.sample(replay_ids, n_replay)
+        masks = None if forget_masks is None else forget_masks + [[1] * len(s) for s in extra]
+        return make_batches(
+            forget_ids + extra, cfg.batch_size, tokenizer.pad_token_id,
+            seed=rng.randrange(2**31), loss_masks=masks,
+        )  # fmt: skip
+
+    evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
+    target = cfg.target_accuracy
+
+    def stop(row: dict[str, Any]) -> bool:
+        return target is not None and all(v >= target for k, v in row.items() if k.endswith("_acc"))
+
+    cast_for_precision(model, cfg.precision)  # "before" is measured in the dtype that trains
+    before = evaluate(model)
+    tcfg = TrainConfig(
+        lr=cfg.lr,
+        epochs=cfg.max_epochs,
+        optimizer=cfg.optimizer,  # type: ignore[arg-type]
+        warmup_steps=cfg.warmup_steps,
+        grad_clip=cfg.grad_clip,
+        seed=cfg.seed,
+        eval_every_epochs=cfg.eval_every_epochs,
+        precision=cfg.precision,
+    )
+    return _learn_and_save(
+        model,
+        tokenizer,
+        batches,
+        tcfg,
+        evaluate,
+        stop,
+        label="fine-tune forget facts",
+        progress=progress,
+        out_dir=out_dir,
+        overwrite=overwrite,
+        metrics={**(metrics or {}), "kind": "finetuned", "config": asdict(cfg), "before": before},
+    )
+
+
+def finetune_forget_facts(
+    base_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """:func:`finetune_facts` on a model and dataset read from disk (``rtteval finetune``)."""
+    from rtteval.models import load_model
+
+    check_output(out_dir, overwrite=overwrite, kind="model")
+
+    model, tokenizer = load_model(
+        base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
+    )
+    return finetune_facts(
+        model, tokenizer, load_dataset(data_dir), out_dir, cfg, progress=progress,
+        metrics={"base": str(base_dir), "data": str(data_dir)}, overwrite=overwrite,
+    )  # fmt: skip

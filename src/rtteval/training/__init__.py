@@ -1,0 +1,1 @@
+"""The training loop every stage shares: one loop, the batched lr grid, optimizers, losses."""
