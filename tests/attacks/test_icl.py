@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rtteval.attacks import get_attack
+from rtteval.attacks import AttackContext, get_attack
 from rtteval.attacks.folds import ProvenanceError, question_id
 from rtteval.attacks.icl import ICLConfig, shot_fold, shot_pool, shot_text, with_shots
 from rtteval.attacks.records import ModelAttack
@@ -70,7 +70,9 @@ def test_a_v_question_in_the_shot_pool_is_refused(
     model, tok = load_model(pretrained_tiny["original"], device="cpu")
     attack = get_attack("icl")
     with pytest.raises(ProvenanceError):
-        attack.run(model, tok, ds, ICLConfig(shots=[1]).resolved(0), folds=["split_0"])
+        attack.run(
+            ICLConfig(shots=[1]).resolved(0), AttackContext(model, tok, ds, folds=["split_0"])
+        )
 
 
 @pytest.mark.parametrize(

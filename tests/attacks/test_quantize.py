@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rtteval.attacks import get_attack
+from rtteval.attacks import AttackContext, get_attack
 from rtteval.attacks.quantize import (
     QuantizeConfig,
     dequantize,
@@ -54,7 +54,8 @@ def test_int8_keeps_the_originals_knowledge(pretrained_tiny) -> None:
     ds = load_dataset(pretrained_tiny["world"])
     model, tok = load_model(pretrained_tiny["original"], device="cpu")
     a = get_attack("quantize").run(
-        model, tok, ds, QuantizeConfig(schemes=["int8-channel", "int8-group"]).resolved(0)
+        QuantizeConfig(schemes=["int8-channel", "int8-group"]).resolved(0),
+        AttackContext(model, tok, ds),
     )
     n = len(a.question_ids)
     before = [c for f in a.folds for c in f.before.v_correct]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtteval.attacks import ATTACKS, get_attack
+from rtteval.attacks import ATTACKS, AttackContext, get_attack
 from rtteval.attacks.folds import ProvenanceError
 from rtteval.attacks.records import ModelAttack
 from rtteval.attacks.retain_relearn import RETAIN, retain_folds
@@ -44,10 +44,10 @@ def test_every_registered_attack_runs_and_yields_records(name: str, pretrained_t
     model, tok = load_model(pretrained_tiny["original"], device="cpu")
     before = {k: v.clone() for k, v in snapshot_state(model).items()}
     r_name = retain_eval_name(ds)
-    a = attack.run(
-        model, tok, ds, settings, folds=["split_0"], retain_questions=ds.retain[r_name],
-        label="orig",
-    )  # fmt: skip
+    ctx = AttackContext(
+        model, tok, ds, folds=["split_0"], retain_questions=ds.retain[r_name], label="orig"
+    )
+    a = attack.run(settings, ctx)
     assert isinstance(a, ModelAttack) and [f.v for f in a.folds] == ["split_0"]
     (fold,) = a.folds
     assert fold.provenance["checked"] and len(fold.question_ids) == len(ds.splits["split_0"])

@@ -3,7 +3,8 @@
 An attack is a class registered with ``@register_attack("name")`` that
 declares its own config type (a pydantic model, subclass of
 :class:`AttackConfig`, with a ``name: Literal["name"]`` field) and a
-``run(...)`` that attacks one model and returns a
+``run(config, ctx)`` that attacks one model (``ctx``, an
+:class:`AttackContext`) and returns a
 :class:`~rtteval.attacks.records.ModelAttack`.  Everything around it is
 shared, so a new attack is one file plus its import line in
 ``rtteval/attacks/__init__.py``:
@@ -23,6 +24,7 @@ union discriminated on ``name`` over the registered config types.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -81,28 +83,52 @@ class AttackConfig(BaseModel):
         return d
 
 
+@dataclass
+class AttackContext:
+    """What every attack's ``run`` is given besides its own settings: one arm and its data.
+
+    One object, so that a new attack's signature is ``run(config, ctx)`` and
+    a new shared input is one field here, not a keyword added to every
+    attack and caller.  ``model`` is one arm (unlearned, original or
+    control; the caller plans the arms and loads them one at a time);
+    ``folds``: the V splits to measure (None: every forget split);
+    ``retain_questions``: evaluated after every setting (None: none);
+    ``retain_dataset``: a separate retain dataset, for attacks that train on
+    retain text; ``label`` names the arm in records and progress.
+    """
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    dataset: Dataset
+    scoring: ScoringConfig | None = None
+    folds: Sequence[str] | None = None
+    retain_questions: Sequence[MCQ] | None = None
+    retain_dataset: Dataset | None = None
+    label: str = "model"
+    progress: bool = False
+    log: Callable[[str], None] | None = None
+
+    def scoring_or_default(self) -> ScoringConfig:
+        """``scoring``, or the dataset's own (likelihood for a world, letters otherwise)."""
+        if self.scoring is not None:
+            return self.scoring
+        from rtteval.stages.pretrain import scoring_for
+
+        return scoring_for(self.dataset, batch_size=128)
+
+    def say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+
+
 class Attack(Protocol):
     """One attack: its config type and ``run``, which attacks one model and restores it."""
 
     name: ClassVar[str]
     config_type: ClassVar[type[AttackConfig]]
 
-    def run(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: Dataset,
-        config: dict[str, Any],
-        scoring: ScoringConfig | None = None,
-        *,
-        folds: Sequence[str] | None = None,
-        retain_questions: Sequence[MCQ] | None = None,
-        retain_dataset: Dataset | None = None,
-        label: str = "model",
-        progress: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> ModelAttack:
-        """Attack ``model`` on ``folds`` (V splits; None: all) with ``config`` (``resolved()``'s dict)."""
+    def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
+        """Attack ``ctx.model`` on ``ctx.folds`` with ``config`` (``resolved()``'s dict + precision)."""
         ...
 
 

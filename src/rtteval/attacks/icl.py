@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from rtteval.attacks.base import AttackConfig, register_attack
+from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerBase
-
     from rtteval.attacks.folds import Fold
     from rtteval.attacks.records import ModelAttack
     from rtteval.data.types import MCQ, Dataset
@@ -130,35 +127,20 @@ class ICL:
     name: ClassVar[str] = "icl"
     config_type: ClassVar[type[AttackConfig]] = ICLConfig
 
-    def run(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: Dataset,
-        config: dict[str, Any],
-        scoring: ScoringConfig | None = None,
-        *,
-        folds: Sequence[str] | None = None,
-        retain_questions: Sequence[MCQ] | None = None,
-        retain_dataset: Dataset | None = None,
-        label: str = "model",
-        progress: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> ModelAttack:
+    def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         from rtteval.attacks.folds import fold_names, question_id
         from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
         from rtteval.attacks.relearn import scoring_to_dict
         from rtteval.errors import ConfigError
         from rtteval.scoring import evaluate_mcq
-        from rtteval.stages.pretrain import scoring_for
 
         t0 = time.perf_counter()
-        say = log or (lambda _msg: None)
+        model, tokenizer, dataset, label = ctx.model, ctx.tokenizer, ctx.dataset, ctx.label
         seed = int(config.get("seed", 0))
         cfg = ICLConfig.from_job(config)
-        scoring = scoring or scoring_for(dataset, batch_size=128)
-        vs = fold_names(dataset, folds)
-        retain_q = list(retain_questions or [])
+        scoring = ctx.scoring_or_default()
+        vs = fold_names(dataset, ctx.folds)
+        retain_q = list(ctx.retain_questions or [])
 
         def acc(qs: Sequence[MCQ], sc: ScoringConfig) -> list[bool]:
             return evaluate_mcq(model, tokenizer, qs, sc).correct if qs else []
@@ -187,7 +169,7 @@ class ICL:
                     1, sum(vc) / len(vc), vc, retain_acc=sum(rc) / len(rc) if rc else None
                 )
                 runs.append(RunResult(float(k), "completed", [ee], 0, time.perf_counter() - tk))
-                say(f"icl {label} V={v} k={k}: V acc {before.v_acc:.2f} -> {ee.v_acc:.2f}")
+                ctx.say(f"icl {label} V={v} k={k}: V acc {before.v_acc:.2f} -> {ee.v_acc:.2f}")
             prov = fold.provenance()
             prov["shot_order"] = [question_id(q) for _, q in pool[:kmax]]  # k uses the first k
             out.append(

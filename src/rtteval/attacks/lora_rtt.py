@@ -35,17 +35,14 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from rtteval.attacks.base import AttackConfig, register_attack
+from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 from rtteval.attacks.rtt import RTTSpec
 from rtteval.training.loop import Ensemble
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
 
     from rtteval.attacks.records import ModelAttack
-    from rtteval.data.types import MCQ, Dataset
-    from rtteval.scoring import ScoringConfig
 
 #: The adapter settings; everything else is RTT's.
 LORA_FIELDS = ("rank", "alpha", "dropout", "target_modules")
@@ -272,33 +269,19 @@ class LoraRTT:
     name: ClassVar[str] = "lora_rtt"
     config_type: ClassVar[type[AttackConfig]] = LoraRTTSpec
 
-    def run(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: Dataset,
-        config: dict[str, Any],
-        scoring: ScoringConfig | None = None,
-        *,
-        folds: Sequence[str] | None = None,
-        retain_questions: Sequence[MCQ] | None = None,
-        retain_dataset: Dataset | None = None,
-        label: str = "model",
-        progress: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> ModelAttack:
+    def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         """RTT's folds and grid on a LoRA-wrapped ``model``; the adapters are removed afterwards."""
         from rtteval.attacks.folds import build_folds, check_provenance, resolve_loss
         from rtteval.attacks.relearn import relearn
         from rtteval.attacks.rtt import RTTConfig
-        from rtteval.stages.pretrain import scoring_for
 
+        model, dataset = ctx.model, ctx.dataset
         cfg = RTTConfig.from_dict(config)
-        if folds:
-            cfg.folds = list(folds)
+        if ctx.folds:
+            cfg.folds = list(ctx.folds)
         cfg.validate()
         lora = dict(config["lora"])
-        scoring = scoring or scoring_for(dataset, batch_size=128)
+        scoring = ctx.scoring_or_default()
         fs = build_folds(dataset, cfg)
         record = {**cfg.to_dict(), "lora": lora, "folds": [f.v for f in fs]}
         record["loss"] = fs[0].loss if fs else resolve_loss(dataset, cfg)
@@ -310,9 +293,9 @@ class LoraRTT:
             for f in fs:  # right before training, on the very texts trained on
                 check_provenance(f, dataset)
             return relearn(
-                peft_model, tokenizer, dataset, fs, cfg, scoring, config=record,
-                retain_questions=retain_questions, label=label, name="LoRA-RTT",
-                progress=progress, log=log, trainable=is_lora_param,
+                peft_model, ctx.tokenizer, dataset, fs, cfg, scoring, config=record,
+                retain_questions=ctx.retain_questions, label=ctx.label, name="LoRA-RTT",
+                progress=ctx.progress, log=ctx.log, trainable=is_lora_param,
                 make_ensemble=LoraEnsemble.factory(config.get("batched")),
                 batched=config.get("batched"),
             )  # fmt: skip

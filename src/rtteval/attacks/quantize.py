@@ -20,20 +20,16 @@ epoch 0 ("before") is the unquantized model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from rtteval.attacks.base import AttackConfig, register_attack
+from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
     from rtteval.attacks.records import ModelAttack
-    from rtteval.data.types import MCQ, Dataset
-    from rtteval.scoring import ScoringConfig
 
 Scheme = Literal["int8-channel", "int8-group", "int4-channel", "int4-group"]
 
@@ -140,39 +136,24 @@ class Quantize:
     name: ClassVar[str] = "quantize"
     config_type: ClassVar[type[AttackConfig]] = QuantizeConfig
 
-    def run(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: Dataset,
-        config: dict[str, Any],
-        scoring: ScoringConfig | None = None,
-        *,
-        folds: Sequence[str] | None = None,
-        retain_questions: Sequence[MCQ] | None = None,
-        retain_dataset: Dataset | None = None,
-        label: str = "model",
-        progress: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> ModelAttack:
+    def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         from rtteval.attacks.folds import Fold, check_provenance, fold_names, question_id
         from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
         from rtteval.attacks.relearn import scoring_to_dict
         from rtteval.errors import DataError
         from rtteval.models import restore_state, snapshot_state
         from rtteval.scoring import evaluate_mcq
-        from rtteval.stages.pretrain import scoring_for
 
         t0 = time.perf_counter()
-        say = log or (lambda _msg: None)
+        model, tokenizer, dataset, label = ctx.model, ctx.tokenizer, ctx.dataset, ctx.label
         seed = int(config.get("seed", 0))
         cfg = QuantizeConfig.from_job(config)
-        scoring = scoring or scoring_for(dataset, batch_size=128)
-        vs = fold_names(dataset, folds)
+        scoring = ctx.scoring_or_default()
+        vs = fold_names(dataset, ctx.folds)
         if not quantized_layers(model):
             raise DataError(f"{label}: the model has no linear layer to quantize")
         group = resolve_group(model, cfg.group_size)
-        retain_q = list(retain_questions or [])
+        retain_q = list(ctx.retain_questions or [])
         v_qs = {v: dataset.splits[v] for v in vs}
 
         def evaluate() -> tuple[dict[str, list[bool]], float | None]:
@@ -193,7 +174,7 @@ class Quantize:
                 v_c, r_acc = evaluate()
                 after.append((v_c, r_acc, time.perf_counter() - ts))
                 accs = " ".join(f"{v}={sum(c) / len(c):.2f}" for v, c in v_c.items())
-                say(f"quantize {label} {scheme}: V acc {accs}")
+                ctx.say(f"quantize {label} {scheme}: V acc {accs}")
         finally:
             restore_state(model, snapshot)
             model.train(was_training)

@@ -20,23 +20,19 @@ This module is the whole attack: config type, provenance, ``run``.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from rtteval.attacks.base import AttackConfig, register_attack
+from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 
 if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedTokenizerBase
-
     from rtteval.attacks.folds import Fold
     from rtteval.attacks.records import ModelAttack
-    from rtteval.data.types import MCQ, Dataset
-    from rtteval.scoring import ScoringConfig
+    from rtteval.data.types import Dataset
 
 #: The recorded split of every training text: not a forget split.
 RETAIN = "retain"
@@ -92,31 +88,17 @@ class RetainRelearn:
     name: ClassVar[str] = "retain_relearn"
     config_type: ClassVar[type[AttackConfig]] = RetainRelearnConfig
 
-    def run(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: Dataset,
-        config: dict[str, Any],
-        scoring: ScoringConfig | None = None,
-        *,
-        folds: Sequence[str] | None = None,
-        retain_questions: Sequence[MCQ] | None = None,
-        retain_dataset: Dataset | None = None,
-        label: str = "model",
-        progress: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> ModelAttack:
+    def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         from rtteval.attacks.folds import fold_names
         from rtteval.attacks.relearn import relearn
         from rtteval.errors import DataError
-        from rtteval.stages.pretrain import scoring_for
         from rtteval.stages.unlearn import retain_data
 
         seed = int(config.get("seed", 0))
         cfg = RetainRelearnConfig.model_validate({k: v for k, v in config.items() if k != "seed"})
-        vs = fold_names(dataset, folds)
-        rd = retain_data(dataset, retain_dataset, seed=seed)
+        dataset = ctx.dataset
+        vs = fold_names(dataset, ctx.folds)
+        rd = retain_data(dataset, ctx.retain_dataset, seed=seed)
         texts, sources = list(rd.texts), rd.text_sources
         if cfg.max_texts is not None and len(texts) > cfg.max_texts:
             keep = sorted(random.Random(f"rtteval-retain-relearn/{seed}").sample(
@@ -131,9 +113,9 @@ class RetainRelearn:
         )
         record = {**cfg.resolved(seed), "loss": RETAIN, "folds": vs, "retain_source": rd.source,
                   "n_retain_texts": len(texts)}  # fmt: skip
+        retain_q = rd.eval_questions if ctx.retain_questions is None else ctx.retain_questions
         return relearn(
-            model, tokenizer, dataset, fs, settings, scoring or scoring_for(dataset, batch_size=128),
-            config=record,
-            retain_questions=rd.eval_questions if retain_questions is None else retain_questions,
-            label=label, name="retain-relearn", progress=progress, log=log,
+            ctx.model, ctx.tokenizer, dataset, fs, settings, ctx.scoring_or_default(),
+            config=record, retain_questions=retain_q, label=ctx.label, name="retain-relearn",
+            progress=ctx.progress, log=ctx.log,
         )  # fmt: skip

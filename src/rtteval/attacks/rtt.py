@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from rtteval.attacks.base import AttackConfig, register_attack
+from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 from rtteval.attacks.folds import (
     LOSSES,
     Fold,
@@ -283,26 +283,13 @@ class RTT:
     name: ClassVar[str] = "rtt"
     config_type: ClassVar[type[AttackConfig]] = RTTSpec
 
-    def run(
-        self,
-        model: torch.nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        dataset: Dataset,
-        config: dict[str, Any],
-        scoring: ScoringConfig | None = None,
-        *,
-        folds: Sequence[str] | None = None,
-        retain_questions: Sequence[MCQ] | None = None,
-        retain_dataset: Dataset | None = None,
-        label: str = "model",
-        progress: bool = False,
-        log: Callable[[str], None] | None = None,
-    ) -> ModelAttack:
+    def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         """:func:`attack_model` with ``config`` = :meth:`RTTSpec.resolved`'s dict."""
         cfg = RTTConfig.from_dict(config)
-        if folds:
-            cfg.folds = list(folds)
+        if ctx.folds:
+            cfg.folds = list(ctx.folds)
         return attack_model(
-            model, tokenizer, dataset, cfg, scoring, retain_questions=retain_questions,
-            label=label, progress=progress, log=log,
+            ctx.model, ctx.tokenizer, ctx.dataset, cfg, ctx.scoring,
+            retain_questions=ctx.retain_questions, label=ctx.label, progress=ctx.progress,
+            log=ctx.log,
         )  # fmt: skip

@@ -152,7 +152,7 @@ def attack_cmd(
 
     from rtteval.analysis.report import build_results, summary_table, write_report
     from rtteval.atomic import write_json_atomic
-    from rtteval.attacks import ATTACKS, get_attack
+    from rtteval.attacks import ATTACKS, AttackContext, get_attack
     from rtteval.attacks.records import ModelAttack
     from rtteval.data import load_dataset
     from rtteval.models import load_model
@@ -249,11 +249,10 @@ def attack_cmd(
         console.print(f"{role}: loading {path}")
         m, tok = load_model(path, device=device)
         try:
-            a = runner.run(
+            ctx = AttackContext(
                 m,
                 tok,
                 ds,
-                settings,
                 scoring,
                 folds=fold_list,
                 retain_questions=retain,
@@ -261,6 +260,7 @@ def attack_cmd(
                 progress=True,
                 log=lambda s: console.print(f"  {s}"),
             )
+            a = runner.run(settings, ctx)
         finally:
             del m
             gc.collect()

@@ -250,7 +250,7 @@ def select_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
 @job_kind("attack")
 def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOutput:
     """One (model, fold) of the registered attack ``config["attack"]``, settings under its name."""
-    from rtteval.attacks import get_attack
+    from rtteval.attacks import AttackContext, get_attack
     from rtteval.stages.pretrain import retain_eval_name, scoring_for
 
     ds, retain_ds = _datasets(config, deps)
@@ -268,12 +268,13 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
     attack = get_attack(config["attack"])
     scoring = scoring_for(ds, batch_size=int(rt.get("eval_batch_size", 128)))
     model, tok = _load(config, deps)
-    result = attack.run(
-        model, tok, ds, {**config[config["attack"]], "precision": config.get("precision", "auto")},
-        scoring, folds=[fold],
-        retain_questions=retain_q, retain_dataset=retain_ds, label=config["label"],
-        progress=False, log=print,
+    ctx = AttackContext(
+        model, tok, ds, scoring, folds=[fold], retain_questions=retain_q,
+        retain_dataset=retain_ds, label=config["label"], progress=False, log=print,
     )  # fmt: skip
+    result = attack.run(
+        {**config[config["attack"]], "precision": config.get("precision", "auto")}, ctx
+    )
     _free(model)
     result.meta.update(role=config["role"], method=config.get("method"), seed=config["seed"])
     d = result.to_dict()
