@@ -14,6 +14,7 @@ import rtteval.attacks.lora_rtt  # noqa: F401
 import rtteval.attacks.quantize  # noqa: F401
 import rtteval.attacks.retain_relearn  # noqa: F401
 import rtteval.attacks.rtt  # noqa: F401
+import rtteval.attacks.unrelated_relearn  # noqa: F401
 from rtteval.attacks.base import (
     ATTACKS,
     Attack,
