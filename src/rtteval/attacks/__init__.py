@@ -11,6 +11,7 @@ from __future__ import annotations
 # the registry: one import per attack
 import rtteval.attacks.icl  # noqa: F401
 import rtteval.attacks.lora_rtt  # noqa: F401
+import rtteval.attacks.probe  # noqa: F401
 import rtteval.attacks.quantize  # noqa: F401
 import rtteval.attacks.retain_relearn  # noqa: F401
 import rtteval.attacks.rtt  # noqa: F401
