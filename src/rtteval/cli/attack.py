@@ -80,7 +80,8 @@ def attack_cmd(
     attack: Annotated[
         str,
         typer.Option(
-            help="registered attack: rtt, lora_rtt, retain_relearn, icl, quantize (docs/attacks.md)"
+            help="registered attack: rtt, lora_rtt, retain_relearn, unrelated_relearn, icl, "
+            "quantize, probe (docs/attacks.md)"
         ),
     ] = "rtt",
     control: Annotated[
