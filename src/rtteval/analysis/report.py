@@ -42,6 +42,8 @@ from rtteval.analysis.metrics import (
     select_honest,
     select_optimistic,
 )
+from rtteval.analysis.overview import FIGURE as OVERVIEW_FIGURE
+from rtteval.analysis.overview import overview_markdown, plot_overview, with_overview
 from rtteval.atomic import write_json_atomic, write_text_atomic
 from rtteval.attacks.records import ModelAttack
 from rtteval.errors import UserError
@@ -685,6 +687,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += [f"- {m}" for m in run.get("missing") or ["(not recorded)"]]
         out.append("")
     out += _attacks_note(s)
+    out += overview_markdown(results)
     out += [
         "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
         "",
@@ -1073,7 +1076,7 @@ def write_report(
     """Write results.json (atomic), results.csv, results_folds.csv, report.md and the PNGs."""
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = _clean(dict(results))
+    results = with_overview(_clean(dict(results)))
     paths = {
         "results.json": write_json_atomic(out / "results.json", results),
         "results.csv": write_text_atomic(out / "results.csv", _csv(results["summary"])),
@@ -1091,6 +1094,9 @@ def write_report(
             fn(results, tmp)
             tmp.replace(out / name)
             paths[name] = out / name
+        if plot_overview(results, tmp := out / f".{OVERVIEW_FIGURE}.tmp.png"):
+            tmp.replace(out / OVERVIEW_FIGURE)
+            paths[OVERVIEW_FIGURE] = out / OVERVIEW_FIGURE
     return paths
 
 
