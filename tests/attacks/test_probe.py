@@ -22,7 +22,7 @@ from rtteval.attacks.probe import (
 from rtteval.data import load_dataset
 from rtteval.models import load_model
 from rtteval.stages.pretrain import scoring_for
-from tests.attacks._nontraining import chance_bound, run_cli, run_yaml
+from tests.attacks._nontraining import chance_bound, run_cli
 
 
 def test_the_probe_is_fitted_on_t_only_and_a_v_question_in_it_is_refused(
@@ -84,13 +84,10 @@ def test_a_probe_on_random_labels_stays_at_chance(pretrained_tiny) -> None:
     assert abs(sum(correct) / len(correct) - mean) <= half
 
 
-def test_probe_from_yaml_and_the_cli(tmp_path: Path, cli, pretrained_tiny) -> None:
-    (tmp_path / "y").mkdir()
-    res = run_yaml(cli, tmp_path / "y", pretrained_tiny, "probe", "{name: probe, layers: [2]}")
-    assert {(s["dataset"], s["attack"]) for s in res["summary"]} == {("w [probe]", "probe")}
-    assert {a["role"] for a in res["attacks"]} == {"original", "control", "unlearned"}
-    assert all(a["config"]["layers"] == [2] for a in res["attacks"])
-    assert "a diagnostic" in res["_report_md"]
-    out = run_cli(cli, tmp_path / "c", pretrained_tiny, "probe")
+def test_probe_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> None:
+    """From YAML: tests/attacks/test_suite.py's study runs it beside two other attacks."""
+    out = run_cli(cli, tmp_path, pretrained_tiny, "probe")
     (s,) = out["summary"]
     assert (s["dataset"], s["method"]) == ("tiny [probe]", "never")
+    assert {a["role"] for a in out["attacks"]} == {"original", "unlearned"}
+    assert all(a["config"]["grid_axis"] == "layers" for a in out["attacks"])

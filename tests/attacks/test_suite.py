@@ -102,9 +102,18 @@ def test_an_attack_suite_study_resumes_after_sigkill(tmp_path: Path, cli, pretra
         assert (out / "jobs" / "attack" / k / "attack.json").stat().st_mtime_ns == m
     results = json.loads((out / "results.json").read_text())
     assert {e["attack"] for e in results["summary"]} == {"unrelated_relearn", "quantize", "probe"}
+    for name in ("unrelated_relearn", "quantize", "probe"):  # each from YAML, on every arm
+        rows = [a for a in results["attacks"] if a["dataset"] == f"w [{name}]"]
+        assert {a["role"] for a in rows} == {"original", "control", "unlearned"}, name
+    assert all(
+        a["config"]["lrs"] == [4.0, 16.0]
+        for a in results["attacks"]
+        if a["dataset"] == "w [unrelated_relearn]"
+    )
     ov = results["overview"]
     assert ov["attacks"] == ["unrelated_relearn", "quantize", "probe"]  # diagnostics last
     (worst,) = ov["worst_case"]
     assert worst["method"] == "gd" and worst["attack"] != "probe"
     assert (out / "fig_attacks.png").is_file()
-    assert "## Across attacks — worst case per method" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Across attacks — worst case per method" in md and "`probe` is a diagnostic" in md

@@ -22,7 +22,7 @@ from rtteval.data.types import Dataset, Passage
 from rtteval.data.world import QA_TEMPLATE
 from rtteval.errors import ConfigError
 from rtteval.models import load_model
-from tests.attacks._nontraining import assert_at_chance, run_cli, run_yaml
+from tests.attacks._nontraining import assert_at_chance, run_cli
 
 
 def test_ks_cap_at_the_source_and_smaller_ks_are_subsets(tiny_world: Path) -> None:
@@ -104,21 +104,13 @@ def test_the_never_learned_control_stays_at_chance(pretrained_tiny) -> None:
     assert_at_chance(a)
 
 
-def test_unrelated_relearn_from_yaml_and_the_cli(tmp_path: Path, cli, pretrained_tiny) -> None:
-    attack = "{name: unrelated_relearn, ks: [4, all], epochs: 1, folds: [split_0]}"
-    (tmp_path / "y").mkdir()
-    res = run_yaml(cli, tmp_path / "y", pretrained_tiny, "unrelated", attack)
-    assert {(s["dataset"], s["attack"]) for s in res["summary"]} == {
-        ("w [unrelated_relearn]", "unrelated_relearn")
-    }
-    rows = [a for a in res["attacks"] if a["config"]["loss"] == UNRELATED]
-    assert {a["role"] for a in rows} == {"original", "control", "unlearned"}
-    assert all(a["config"]["lrs"] == [4.0, 16.0] for a in rows)
-    assert "`unrelated_relearn`: unrelated relearning" in res["_report_md"]
-    out = run_cli(cli, tmp_path / "c", pretrained_tiny, "unrelated_relearn", "--epochs", "1")
+def test_unrelated_relearn_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> None:
+    """From YAML: tests/attacks/test_suite.py's study runs it beside two other attacks."""
+    out = run_cli(cli, tmp_path, pretrained_tiny, "unrelated_relearn", "--epochs", "1")
     (s,) = out["summary"]
     assert (s["dataset"], s["method"]) == ("tiny [unrelated_relearn]", "never")
     assert {a["role"] for a in out["attacks"]} == {"original", "unlearned"}
+    assert all(a["config"]["lrs"] == [10.0, 16.0] for a in out["attacks"])
 
 
 def test_a_dataset_that_is_no_world_and_names_no_corpus_is_refused(tmp_path: Path) -> None:
