@@ -271,6 +271,7 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
     ctx = AttackContext(
         model, tok, ds, scoring, folds=[fold], retain_questions=retain_q,
         retain_dataset=retain_ds, label=config["label"], progress=False, log=print,
+        out_dir=job_dir,
     )  # fmt: skip
     result = attack.run(
         {**config[config["attack"]], "precision": config.get("precision", "auto")}, ctx
