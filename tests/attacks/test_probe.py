@@ -14,10 +14,9 @@ from rtteval.attacks.folds import ProvenanceError
 from rtteval.attacks.probe import (
     ProbeConfig,
     fit_probe,
-    hidden_states,
     probe_correct,
+    probe_features,
     probe_fold,
-    probe_inputs,
 )
 from rtteval.data import load_dataset
 from rtteval.models import load_model
@@ -71,8 +70,8 @@ def test_a_probe_on_random_labels_stays_at_chance(pretrained_tiny) -> None:
     n_choices: list[int] = []
     for v in ds.split_names:
         _, train_q = probe_fold(ds, v, sc)
-        x_tr = hidden_states(model, probe_inputs(tok, train_q, sc), 0, 64)
-        x_v = hidden_states(model, probe_inputs(tok, ds.splits[v], sc), 0, 64)
+        x_tr = probe_features(model, tok, train_q, sc)
+        x_v = probe_features(model, tok, ds.splits[v], sc)
         fake = [rng.randrange(len(q.choices)) for q in train_q]
         y = torch.tensor(
             [int(j == f) for q, f in zip(train_q, fake, strict=True) for j in range(len(q.choices))]

@@ -8,16 +8,20 @@ ceiling (what a probe reads when the facts are known) and the never-learned
 control is the floor (what a probe reads from the choices alone); only
 where the unlearned model's probe sits between the two says something.
 
-Design (docs/attacks.md): every (question, choice) is put to the model as
-likelihood scoring does (``likelihood_prompt`` + " " + choice) and the
-hidden state of the choice's last token is read at every layer (block
-outputs 1..L).  Per layer, a logistic regression (binary: is this choice the
-correct one) is fitted on T's questions — the other forget splits, minus any
-question whose text is also a V question — with features standardized on T,
-an L2 penalty ``l2`` and full-batch L-BFGS in float64 from zero weights
-(deterministic, no random init).  On V, each question's choice with the
-highest probe score is its answer, so accuracy and chance are those of the
-4-way MCQ, as for every other attack.
+Design (docs/attacks.md): the hidden state is read at the *answer
+position* — the last token of the likelihood prompt (``likelihood_prompt``),
+whose next-token scores rank the choices — at every layer (block outputs
+1..L).  Each (question, choice) gets one feature vector: that state times
+the choice's first answer token's output embedding, elementwise, so the
+probe is scored choice by choice as likelihood scoring is (with all weights
+1 its score is the choice's logit: the logit lens).  Per layer, a logistic
+regression (binary: is this choice the correct one) is fitted on T's
+questions — the other forget splits, minus any question whose text is also
+a V question — with features standardized on T, an L2 penalty ``l2`` and
+full-batch L-BFGS in float64 from zero weights (deterministic, no random
+init).  On V, each question's choice with the highest probe score is its
+answer, so accuracy and chance are those of the 4-way MCQ, as for every
+other attack.
 
 Provenance: the probe's training inputs are wrapped as a
 :class:`~rtteval.attacks.folds.Fold` (T = the other splits) and checked with
@@ -73,23 +77,42 @@ class ProbeConfig(AttackConfig):
 
 def probe_inputs(
     tokenizer: PreTrainedTokenizerBase, questions: Sequence[MCQ], scoring: ScoringConfig
-) -> list[list[int]]:
-    """Token ids of every (question, choice), question-major, as likelihood scoring builds them."""
+) -> tuple[list[list[int]], list[int]]:
+    """Each question's prompt ids, and each (question, choice)'s first answer token (question-major).
+
+    As likelihood scoring builds them: ``likelihood_prompt`` then " " + choice;
+    the prompt's last position is the one whose next-token scores rank the choices.
+    """
     from rtteval.scoring import continuation_ids
 
-    out = []
+    prompts, tokens = [], []
     for q in questions:
         prompt = scoring.likelihood_prompt.format(question=q.question)
+        ids = None
         for c in q.choices:
             ctx, cont = continuation_ids(tokenizer, prompt, " " + c)
-            out.append(ctx + cont)
-    return out
+            ids = ctx if ids is None else ids
+            tokens.append(cont[0])
+        prompts.append(ids or [])
+    return prompts, tokens
+
+
+def pair_features(h: torch.Tensor, unembed: torch.Tensor, n_choices: Sequence[int]) -> torch.Tensor:
+    """``[layers, pairs, hidden]``: each question's answer-position state times each choice's unembedding.
+
+    ``h``: ``[layers, questions, hidden]``; ``unembed``: ``[pairs, hidden]``.  With
+    weights all 1 a linear probe on these sums to the choice's logit (the logit lens).
+    """
+    import torch
+
+    index = torch.repeat_interleave(torch.arange(len(n_choices)), torch.tensor(list(n_choices)))
+    return h[:, index] * unembed.unsqueeze(0)
 
 
 def hidden_states(
     model: torch.nn.Module, seqs: Sequence[list[int]], pad_id: int, batch_size: int
 ) -> torch.Tensor:
-    """``[layers, len(seqs), hidden]`` (float32, CPU): each block's output at each sequence's last token."""
+    """``[layers, len(seqs), hidden]`` (float32, CPU): each block's output at each sequence's last position."""
     import torch
 
     device = next(model.parameters()).device
@@ -111,6 +134,28 @@ def hidden_states(
             hs = out.hidden_states[1:]  # [0] is the embeddings
             parts.append(torch.stack([h[rows, last].float().cpu() for h in hs]))
     return torch.cat(parts, dim=1)
+
+
+def probe_features(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[MCQ],
+    scoring: ScoringConfig,
+) -> torch.Tensor:
+    """``[layers, pairs, hidden]``: :func:`pair_features` of ``questions`` (module docstring)."""
+    import torch
+
+    from rtteval.errors import DataError
+
+    prompts, tokens = probe_inputs(tokenizer, questions, scoring)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    h = hidden_states(model, prompts, pad, scoring.batch_size)
+    out_emb = model.get_output_embeddings()
+    if out_emb is None:
+        raise DataError("the model has no output embedding to read the choices with")
+    w = out_emb.weight.detach()
+    unembed = w[torch.tensor(tokens, device=w.device)].float().cpu()
+    return pair_features(h, unembed, [len(q.choices) for q in questions])
 
 
 def fit_probe(
@@ -216,11 +261,10 @@ class Probe:
         try:
             r = evaluate_mcq(model, tok, retain_q, scoring).correct if retain_q else []
             retain_before = sum(r) / len(r) if r else None
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             needed = list(dataset.split_names)  # V and T: every forget split
             qs = {s: dataset.splits[s] for s in needed}
             allq = [q for s in needed for q in qs[s]]
-            feats = hidden_states(model, probe_inputs(tok, allq, scoring), pad, scoring.batch_size)
+            feats = probe_features(model, tok, allq, scoring)
             before = {v: evaluate_mcq(model, tok, qs[v], scoring).correct for v in vs}
         finally:
             model.train(was_training)
