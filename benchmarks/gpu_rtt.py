@@ -40,6 +40,13 @@ exists, so a run cut short still leaves its numbers):
    at --lr.  ``train`` casts the weights to the precision's dtype; they are
    cast back to the build dtype after each (lossless from bf16).  Then, with
    --compile, on ``torch.compile(model, dynamic=True)``, last.
+7. LoRA-RTT's step (between the precisions without and with checkpointing):
+   for each RANKxADAPTERS in --lora (default ranks 16 and 128 with 1, 6 and
+   12 adapters), peft adapters on every projection of the frozen model,
+   stacked as ``lora_rtt`` stacks its lr grid (``LoraEnsemble``), AdamW, the
+   default precision, batch 4 per adapter: time, tokens/s over all
+   adapters, peak memory (checked against benchmarks/memory_8b.py's
+   computed LoRA table in docs/performance.md).
 
 FLOPs (stated in the JSON under ``flops``): N = the parameters that do matrix
 products = all parameters minus the input embedding (an embedding lookup does
@@ -96,6 +103,7 @@ from rtteval.scoring import forward_logits, position_ids_from_mask  # noqa: E402
 from rtteval.training.loop import (  # noqa: E402
     PRECISIONS,
     TrainConfig,
+    cast_for_precision,
     cast_parameters,
     lm_loss_fn,
     make_batches,
@@ -489,6 +497,81 @@ class Bench:
             torch._dynamo.reset()
         return rec
 
+    def lora_step_bench(self, rank: int, adapters: int) -> dict:
+        """LoRA-RTT's step: ``adapters`` LoRA adapters of ``rank`` on the frozen model, as one batch.
+
+        What ``lora_rtt`` trains (``attacks/lora_rtt.py``): peft adapters on every
+        attention and MLP projection, stacked into one :class:`LoraEnsemble` (each
+        adapter sees the same batch of 4), AdamW, the default precision.  The
+        frozen base needs no weight gradients, so a step costs about
+        4 * n_matmul FLOPs per token and adapter (forward + activation gradients);
+        the MFU column uses that.  The model is unwrapped afterwards.
+        """
+        from rtteval.attacks.lora_rtt import ALL_LINEAR, LoraEnsemble, attach_lora
+
+        args = self.args
+        peft_model = attach_lora(
+            self.model,
+            {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "target_modules": ALL_LINEAR},
+            seed=args.seed,
+        )
+        precision = cast_for_precision(peft_model, "auto")  # as relearn() does: bf16 on a GPU
+        ens = LoraEnsemble(peft_model, [2e-4] * adapters)
+        try:
+            adapter_params = ens._flat.numel()
+            batches = make_batches(self.seqs, 4, 0, seed=args.seed)
+            warm = take(batches, 0, args.warmup)
+            timed = take(batches, args.warmup, args.steps)
+            cfg = TrainConfig(
+                lr=2e-4,
+                epochs=1,
+                optimizer="adamw",
+                grad_clip=None,
+                schedule="constant",
+                warmup_steps=0,
+                eval_every_epochs=None,
+                autocast="auto",
+                seed=args.seed,
+                precision=precision,  # type: ignore[arg-type]
+            )
+            self.reset_mem()
+            train(ens, lambda _epoch: warm, lm_loss_fn, cfg)
+            self.sync()
+            t = time.perf_counter()
+            res = train(ens, lambda _epoch: timed, lm_loss_fn, cfg)
+            self.sync()
+            seconds = time.perf_counter() - t
+            steps = res[0].steps
+            real, padded = pad_stats(timed)
+            r = self.rates(4 * self.n_matmul * real * adapters, seconds)
+            out = {
+                "rank": rank,
+                "adapters": adapters,
+                "batch_size_per_adapter": 4,
+                "timed_steps": steps,
+                "step_s_mean": seconds / steps,
+                "adapter_params_total": adapter_params,
+                "adapter_dtype": str(ens._flat.dtype).removeprefix("torch."),
+                "precision": res[0].precision,
+                "tokens_per_s": real * adapters / seconds,
+                "tokens_per_s_per_adapter": real / seconds,
+                **r,
+                "flops_per_token": "4 * n_matmul per adapter (frozen base: no weight gradients)",
+                "peak_mem_gib": self.peak_mem_gib(),
+                "loss_first": round(res[0].losses[0], 4) if res[0].losses else None,
+                "loss_last": round(res[0].losses[-1], 4) if res[0].losses else None,
+                "what": "rtteval.attacks.lora_rtt: attach_lora + LoraEnsemble + training.loop.train",
+            }
+        finally:
+            ens.close()
+            peft_model.unload()
+        mfu, mem = _mfu_mem(out)
+        log(
+            f"LoRA r{rank} x{adapters}: {out['step_s_mean'] * 1e3:.1f} ms/step, "
+            f"{out['tokens_per_s']:.0f} tokens/s over all adapters, MFU {mfu}, peak mem {mem}"
+        )
+        return out
+
     # -- 3. evaluation
 
     def eval_bench(self, batch_size: int, mode: str) -> dict:
@@ -704,6 +787,13 @@ class Bench:
                     key,
                     lambda m=mode, c=ckpt: self.rtteval_step_bench(4, precision=m, checkpointing=c),
                 )
+            if not ckpt:
+                for rank, n in args.lora:
+                    r = self.guarded(
+                        f"LoRA r{rank} x{n}", lambda r=rank, n=n: self.lora_step_bench(r, n)
+                    )
+                    if r is not None:
+                        rec.put("lora", f"r{rank}_x{n}", r)
         if args.compile:
             train_m(
                 "rtteval_bs4_compiled",
@@ -768,6 +858,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(PRECISIONS),
         help=f"rtteval step under each (default {','.join(PRECISIONS)}; '' for none)",
     )
+    ap.add_argument(
+        "--lora",
+        default=None,
+        help="LoRA-RTT step at RANKxADAPTERS,... (default 16x1,16x6,16x12,128x1,128x6,128x12; "
+        "smoke 4x1,4x3; '' for none)",
+    )
     args = ap.parse_args(argv)
     args.precisions = [p for p in args.precisions.split(",") if p.strip()]
     bad = [p for p in args.precisions if p not in PRECISIONS]
@@ -782,6 +878,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.max_len = args.max_len or (32 if smoke else 128)
     big = args.big_batches if args.big_batches is not None else ("8" if smoke else "16,32")
     args.big_batches = [int(x) for x in big.split(",") if x.strip()]
+    lora = (
+        args.lora
+        if args.lora is not None
+        else ("4x1,4x3" if smoke else "16x1,16x6,16x12,128x1,128x6,128x12")
+    )
+    try:
+        args.lora = [
+            [int(a), int(b)] for a, b in (x.split("x") for x in lora.split(",") if x.strip())
+        ]
+    except ValueError:
+        ap.error(f"--lora wants RANKxADAPTERS,... (e.g. 16x6), not {lora!r}")
     args.out = args.out or default_out()
     return args
 
