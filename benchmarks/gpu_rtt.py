@@ -21,12 +21,13 @@ exists, so a run cut short still leaves its numbers):
    ``rtteval.training.loop.make_batches`` (length bucketing).  Same lr, same Lion
    betas, no clipping, no warmup, constant lr: the same math.
 3. MCQ evaluation forward passes under ``torch.inference_mode``: batch 4
-   (paper-shaped) and --eval-batch (default 64) through
-   ``rtteval.scoring.forward_logits`` followed by ``.cpu()`` of the logits,
-   exactly what ``score_letters`` does; the same large batch without the copy;
-   and a last-position-only variant (``logits_to_keep=1``), which is all
-   letter scoring needs.
-4. The estimated wall time of the full Years RTT sweep for an 8B model (5
+   (paper-shaped, all logits copied to the CPU as the paper's code scores) and
+   --eval-batch (default 64) through ``rtteval.scoring.forward_logits`` with
+   the last position's letter logits picked on the device and copied, exactly
+   what ``score_letters`` does (``letters``); the same large batch copying
+   every logit (``copy``) and with no copy (``forward``); and a
+   last-position-only variant (``logits_to_keep=1``).
+4. The estimated wall time (rtteval: its bs4 step and ``letters`` evaluation) of the full Years RTT sweep for an 8B model (5
    folds x 6 lrs x 6 epochs, 632 training questions per fold at batch 4 =
    158 steps per epoch, V = 158 questions evaluated after every epoch) for
    both, and their ratio.
@@ -78,6 +79,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -575,14 +577,16 @@ class Bench:
     # -- 3. evaluation
 
     def eval_bench(self, batch_size: int, mode: str) -> dict:
-        """``mode``: ``copy`` (forward_logits + .cpu(), as score_letters), ``forward`` (no copy),
-        ``last`` (logits_to_keep=1, last position only)."""
+        """``mode``: ``letters`` (forward_logits, the last position's letter logits picked on
+        the device, then .cpu(): what score_letters does), ``copy`` (all logits to the CPU, as
+        the paper's code scores), ``forward`` (no copy), ``last`` (logits_to_keep=1)."""
         model, args = self.model, self.args
         model.eval()
         seqs = random_seqs(batch_size, args.min_len, args.max_len, self.vocab, args.seed + 7)
         ids, mask = left_padded(seqs)
         real, padded = int(mask.sum()), mask.numel()
         n_iter = args.eval_steps
+        letter_ids = torch.arange(4) + 32  # any four ids: the cost does not depend on which
 
         @torch.inference_mode()
         def run() -> torch.Tensor:
@@ -597,6 +601,8 @@ class Bench:
                 )
                 return out.logits[:, -1, :].float().cpu()
             logits = forward_logits(model, ids, mask)
+            if mode == "letters":
+                return logits[:, -1, letter_ids.to(logits.device)].cpu()
             if mode == "copy":
                 logits = logits.cpu()
             return logits[:, -1, :]
@@ -645,7 +651,7 @@ class Bench:
         out: dict[str, Any] = {"sweep": dict(s, steps_per_epoch=steps)}
         for side, train_key, eval_key in (
             ("baseline", "baseline_bs4", "bs4_copy"),
-            ("rtteval", "rtteval_bs4", f"bs{self.args.eval_batch}_copy"),
+            ("rtteval", "rtteval_bs4", f"bs{self.args.eval_batch}_letters"),
         ):
             t, e = tr.get(train_key), ev.get(eval_key)
             if t is None:
@@ -771,6 +777,7 @@ class Bench:
         train_m("baseline_bs4", lambda: self.baseline_step_bench(4))
         train_m("rtteval_bs4", lambda: self.rtteval_step_bench(4))
         eval_m(4, "copy")
+        eval_m(args.eval_batch, "letters")
         eval_m(args.eval_batch, "copy")
         eval_m(args.eval_batch, "forward")
         eval_m(args.eval_batch, "last")
@@ -801,7 +808,27 @@ class Bench:
                 need_s=0 if args.smoke else 150,
             )
 
+        for i in range(2, args.repeat + 1):  # run-to-run noise of the headline pair
+            for key, fn in (
+                ("baseline_bs4", lambda: self.baseline_step_bench(4)),
+                ("rtteval_bs4", lambda: self.rtteval_step_bench(4)),
+            ):
+                train_m(f"{key}_repeat{i}", fn)
         tr, ev = rec.data.get("train", {}), rec.data.get("eval", {})
+        if args.repeat > 1:
+            reps = {
+                key: [
+                    tr[k]["tokens_per_s"]
+                    for k in [key] + [f"{key}_repeat{i}" for i in range(2, args.repeat + 1)]
+                    if k in tr
+                ]
+                for key in ("baseline_bs4", "rtteval_bs4")
+            }
+            if all(reps.values()):
+                reps["speedup_median"] = statistics.median(reps["rtteval_bs4"]) / (
+                    statistics.median(reps["baseline_bs4"])
+                )
+            rec.put("repeats_tokens_per_s", None, reps)
         speedup = None
         if "baseline_bs4" in tr and "rtteval_bs4" in tr:
             speedup = tr["rtteval_bs4"]["tokens_per_s"] / tr["baseline_bs4"]["tokens_per_s"]
@@ -853,6 +880,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip measurements after this")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the baseline and rtteval bs4 steps this many times in all (noise)",
+    )
     ap.add_argument(
         "--precisions",
         default=",".join(PRECISIONS),

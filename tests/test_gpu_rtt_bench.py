@@ -33,7 +33,7 @@ def test_gpu_rtt_smoke_writes_every_measurement(tmp_path: Path, capsys) -> None:
         for field in ("step_s_mean", "tokens_per_s", "tflops", "mfu"):
             assert row[field] > 0, (key, field)
         assert 0 < row["padding_efficiency"] <= 1
-    for key in ("bs4_copy", "bs8_copy", "bs8_forward", "bs8_last"):
+    for key in ("bs4_copy", "bs8_letters", "bs8_copy", "bs8_forward", "bs8_last"):
         row = data["eval"][key]
         for field in ("batch_s_mean", "tokens_per_s", "mfu"):
             assert row[field] > 0, (key, field)
