@@ -5,16 +5,11 @@ import torch
 
 from rtteval.errors import ConfigError, DataError
 from rtteval.scoring import ScoringConfig, evaluate_mcq
-from rtteval.training.loop import (
-    Lion,
-    TrainConfig,
-    encode_texts,
-    lm_loss_fn,
-    lr_factor,
-    make_batches,
-    pad_batch,
-    train,
-)
+from rtteval.training.batching import encode_texts, make_batches, pad_batch
+from rtteval.training.config import TrainConfig
+from rtteval.training.loop import train
+from rtteval.training.losses import lm_loss_fn
+from rtteval.training.optim import Lion, lr_factor
 from tests.helpers import toy_tokenizer_and_model
 
 
@@ -117,6 +112,28 @@ def test_divergence_stops_cleanly():
     assert not math.isnan(res.wall_time)
 
 
+def test_divergence_hook_ends_the_run_with_its_reason():
+    """``diverged(loss)`` sees each finite loss; its reason ends the run before that step."""
+    _, texts, tok, model = toy_tokenizer_and_model()
+    seqs = encode_texts(tok, texts)
+    seen: list[float] = []
+
+    def third_step(loss: float) -> str | None:
+        seen.append(loss)
+        return f"refused loss {loss:.3f}" if len(seen) == 3 else None
+
+    res = train(
+        model,
+        lambda e: make_batches(seqs, 4, tok.pad_token_id, seed=e),
+        lm_loss_fn,
+        TrainConfig(epochs=5),
+        diverged=third_step,
+    )
+    assert res.status == "diverged" and res.steps == 2  # the refused loss took no step
+    assert res.message == f"refused loss {seen[2]:.3f}"
+    assert res.losses == seen[:2]
+
+
 def test_trainable_filter_freezes_other_parameters():
     _, texts, tok, model = toy_tokenizer_and_model()
     seqs = encode_texts(tok, texts)
@@ -148,10 +165,10 @@ def test_training_is_deterministic_by_seed():
 
 
 def _grid_runs(optimizer: str, lrs: list[float], **cfg_kw):
-    """Each lr trained alone and all of them as one Ensemble, on the same batches."""
+    """Each lr trained alone and all of them as one LrGrid, on the same batches."""
     import copy
 
-    from rtteval.training.loop import Ensemble
+    from rtteval.training.grid import LrGrid
 
     qs, texts, tok, model = toy_tokenizer_and_model("micro", n=24)
     seqs = encode_texts(tok, texts)
@@ -168,7 +185,7 @@ def _grid_runs(optimizer: str, lrs: list[float], **cfg_kw):
         res = train(m, epochs.__getitem__, lm_loss_fn, TrainConfig(**{**cfg.to_dict(), "lr": lr}),
                     evaluate=evaluate)  # fmt: skip
         alone.append((res, m))
-    ens = Ensemble(model, lrs)
+    ens = LrGrid(model, lrs)
     together = train(ens, epochs.__getitem__, lm_loss_fn, cfg, evaluate=evaluate)
     return alone, together, ens
 
@@ -215,11 +232,11 @@ def test_ensemble_member_that_diverges_is_frozen_and_the_others_go_on(optimizer,
 
 
 def test_ensemble_refuses_layers_without_a_grouped_version():
-    from rtteval.training.loop import Ensemble, ensemble_unsupported
+    from rtteval.training.grid import LrGrid, grid_unsupported
 
     _, _, _, model = toy_tokenizer_and_model()
-    assert ensemble_unsupported(model) is None
+    assert grid_unsupported(model) is None
     odd = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    assert "LayerNorm" in (ensemble_unsupported(odd) or "")
+    assert "LayerNorm" in (grid_unsupported(odd) or "")
     with pytest.raises(ConfigError):
-        Ensemble(odd, [1e-3, 1e-2])
+        LrGrid(odd, [1e-3, 1e-2])
