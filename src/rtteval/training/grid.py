@@ -113,7 +113,7 @@ class LrGrid(torch.nn.Module):
     less than G passes (tiny-1m, batch 4, G=3: 1.4x less; docs/performance.md).  Members never
     mix: every operation of the batched pass acts on one member's rows or one member's
     matrix, so member g's loss, gradient and update are those of training it alone, up to
-    float rounding (tests/training/test_loop.py compares the two).
+    float rounding (tests/training/test_grid.py compares the two).
 
     * ``forward`` takes one model's inputs and returns logits ``[G, batch, time, vocab]``.
     * ``members[g]`` is a plain copy of the model whose parameters are views of member g's
