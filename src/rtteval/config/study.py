@@ -233,7 +233,7 @@ class DatasetSpec(_Strict):
 class FinetuneSpec(_Strict):
     """Fine-tune-first stage (``datasets[].finetune_first``): LM loss on the dataset's facts.
 
-    Unset fields take :class:`rtteval.stages.pretrain.FinetuneConfig`'s defaults for
+    Unset fields take :class:`rtteval.stages.finetune.FinetuneConfig`'s defaults for
     the model kind: the tiny-model defaults with ``model.tiny``,
     ``FinetuneConfig.paper()`` (the paper's Random Birthdays fine-tuning)
     with ``model.hf``.  ``grad_clip: null`` written out turns clipping off.
@@ -253,7 +253,7 @@ class FinetuneSpec(_Strict):
         """The full FinetuneConfig (minus seed) as a dict: what the job runs, and its key."""
         from dataclasses import asdict
 
-        from rtteval.stages.pretrain import FinetuneConfig
+        from rtteval.stages.finetune import FinetuneConfig
 
         base = FinetuneConfig() if tiny else FinetuneConfig.paper()
         for k, v in self.model_dump().items():
