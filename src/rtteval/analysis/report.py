@@ -72,12 +72,12 @@ def _as_list(x: ModelAttack | Sequence[ModelAttack] | None) -> list[ModelAttack]
     return list(x)
 
 
-def _clean(o: Any) -> Any:
+def clean_json(o: Any) -> Any:
     """NaN/inf -> None (results.json must be strict JSON); numpy scalars -> Python."""
     if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
+        return {k: clean_json(v) for k, v in o.items()}
     if isinstance(o, list | tuple):
-        return [_clean(v) for v in o]
+        return [clean_json(v) for v in o]
     if isinstance(o, np.generic):
         o = o.item()
     if isinstance(o, float) and not math.isfinite(o):
@@ -410,7 +410,7 @@ def build_results(
     }
     from rtteval import __version__
 
-    return _clean(
+    return clean_json(
         {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -483,7 +483,8 @@ def attacks_of(results: Mapping[str, Any]) -> list[tuple[dict[str, Any], ModelAt
 # --------------------------------------------------------------------------- writing
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a table: ``digits`` decimals, "—" for None."""
     if x is None:
         return "—"
     if isinstance(x, float):
@@ -491,11 +492,12 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _fmt_ci(x: Any, ci: Any) -> str:
+def fmt_ci(x: Any, ci: Any) -> str:
+    """A number and its CI, ``0.512 [0.41, 0.60]``; without a CI, as :func:`fmt`."""
     if x is None:
         return "—"
     if ci is None or ci[0] is None:
-        return _fmt(x)
+        return fmt(x)
     return f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
@@ -541,7 +543,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table; cells are used as given."""
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -572,7 +575,7 @@ def _divergence_md(results: Mapping[str, Any]) -> list[str]:
             "(the choice of lr is shared across folds); the epochs it completed before diverging "
             "stay in results.json.",
             "",
-            _md_table(
+            md_table(
                 ["dataset", "model", "seed", "V", "lr", "epochs before", "what happened"], rows
             ),
         ]
@@ -590,7 +593,7 @@ def _divergence_md(results: Mapping[str, Any]) -> list[str]:
             "",
             "Unlearning grid points that diverged (never selected):",
             "",
-            _md_table(["method", "seed", "point", "what happened"], unl),
+            md_table(["method", "seed", "point", "what happened"], unl),
         ]
     return out
 
@@ -612,13 +615,6 @@ def _attacks_note(summary: Sequence[Mapping[str, Any]]) -> list[str]:
         after = "this attack's fine-tuning" if trains else "this attack at its best setting"
         out.append(f'- `{name}`: {title}; its "+RTT" columns are after {after}')
     return [*out, ""]
-
-
-#: Public names of the helpers other modules (findings.py) format results with.
-clean_json = _clean
-fmt = _fmt
-fmt_ci = _fmt_ci
-md_table = _md_table
 
 
 def _floor_sentences(summary: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -646,10 +642,9 @@ def _floor_sentences(summary: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def render_markdown(results: Mapping[str, Any]) -> str:
-    """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
+def _intro_md(results: Mapping[str, Any]) -> list[str]:
+    """Title, what the numbers mean, the control's floor in words, what is missing, other attacks."""
     s = results["summary"]
-    has_honest = any(e.get("honest") for e in s)
     has_control = any(e.get("control_rtt") is not None for e in s)
     out = [
         "# RTT report",
@@ -685,10 +680,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += [f"- {m}" for m in run.get("missing") or ["(not recorded)"]]
         out.append("")
     out += _attacks_note(s)
-    out += [
-        "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
-        "",
-    ]
+    return out
+
+
+def _summary_md(results: Mapping[str, Any]) -> list[str]:
+    """The optimistic attacker's summary table, one row per (dataset, method)."""
     headers = [
         "dataset",
         "method",
@@ -702,37 +698,33 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "floor-adj.",
         "raw",
     ]
-    out.append(
-        _md_table(
-            headers,
-            [
-                [
-                    e["dataset"],
-                    e["method"],
-                    _fmt(e["chance"]),
-                    _fmt_ci(e["original"], e.get("original_ci")),
-                    _fmt_ci(e["unlearned"], e.get("unlearned_ci")),
-                    _fmt_ci(e["original_rtt"], e.get("original_rtt_ci")),
-                    _fmt_ci(e["unlearned_rtt"], e.get("unlearned_rtt_ci")),
-                    _fmt_ci(e["control_rtt"], e.get("control_rtt_ci")),
-                    _fmt_ci(e["recovery"], e.get("recovery_ci")),
-                    _fmt_ci(e.get("recovery_floor"), e.get("recovery_floor_ci")),
-                    _fmt_ci(e["recovery_raw"], e.get("recovery_raw_ci")),
-                ]
-                for e in s
-            ],
-        )
-    )
-    out += ["", "## Where the uncertainty comes from (optimistic attacker)", ""]
-    out.append(
-        "Bootstrap SD of each number when only the seeds are resampled (training noise: "
-        "pretraining, unlearning and RTT, and with `vary_with_seed` the world), only the folds, "
-        "questions and RTT replicates (which questions were asked; the attacker's choice "
-        "redone), and both (the CI above)."
-    )
-    out.append("")
+    rows = [
+        [
+            e["dataset"],
+            e["method"],
+            fmt(e["chance"]),
+            fmt_ci(e["original"], e.get("original_ci")),
+            fmt_ci(e["unlearned"], e.get("unlearned_ci")),
+            fmt_ci(e["original_rtt"], e.get("original_rtt_ci")),
+            fmt_ci(e["unlearned_rtt"], e.get("unlearned_rtt_ci")),
+            fmt_ci(e["control_rtt"], e.get("control_rtt_ci")),
+            fmt_ci(e["recovery"], e.get("recovery_ci")),
+            fmt_ci(e.get("recovery_floor"), e.get("recovery_floor_ci")),
+            fmt_ci(e["recovery_raw"], e.get("recovery_raw_ci")),
+        ]
+        for e in results["summary"]
+    ]
+    return [
+        "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
+        "",
+        md_table(headers, rows),
+    ]
+
+
+def _uncertainty_md(results: Mapping[str, Any]) -> list[str]:
+    """Bootstrap SDs from seeds alone, from questions alone, and both."""
     comp_rows = []
-    for e in s:
+    for e in results["summary"]:
         for key, label in (
             ("unlearned_rtt", "Unlearned+RTT"),
             ("recovery", "recovery"),
@@ -746,88 +738,105 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                         e["method"],
                         label,
                         str((e.get("n_seeds") or {}).get("unlearned", "—")),
-                        _fmt(c.get("sd_seeds")),
-                        _fmt(c.get("sd_questions")),
-                        _fmt(c.get("sd_total")),
+                        fmt(c.get("sd_seeds")),
+                        fmt(c.get("sd_questions")),
+                        fmt(c.get("sd_total")),
                     ]
                 )
-    out.append(
-        _md_table(
+    return [
+        "",
+        "## Where the uncertainty comes from (optimistic attacker)",
+        "",
+        "Bootstrap SD of each number when only the seeds are resampled (training noise: "
+        "pretraining, unlearning and RTT, and with `vary_with_seed` the world), only the folds, "
+        "questions and RTT replicates (which questions were asked; the attacker's choice "
+        "redone), and both (the CI above).",
+        "",
+        md_table(
             ["dataset", "method", "number", "seeds", "SD seeds", "SD questions", "SD total"],
             comp_rows,
-        )
-    )
-    out += ["", "## Side by side: optimistic vs honest attacker", ""]
-    if has_honest:
-        out.append(
-            "The honest attacker picks (lr, epoch) on a slice of T held out from RTT training "
-            "and is scored on V at that choice; V is never consulted."
-        )
-        out.append("")
-        rows = []
-        for e in s:
-            h = e.get("honest") or {}
-            rows.append(
-                [
-                    e["dataset"],
-                    e["method"],
-                    f"{_fmt(e['unlearned_rtt'])} / {_fmt(h.get('unlearned_rtt'))}",
-                    f"{_fmt(e['original_rtt'])} / {_fmt(h.get('original_rtt'))}",
-                    f"{_fmt(e['control_rtt'])} / {_fmt(h.get('control_rtt'))}",
-                    f"{_fmt_ci(e['recovery'], e.get('recovery_ci'))} / "
-                    f"{_fmt_ci(h.get('recovery'), h.get('recovery_ci'))}",
-                    f"{_fmt_ci(e.get('recovery_floor'), e.get('recovery_floor_ci'))} / "
-                    f"{_fmt_ci(h.get('recovery_floor'), h.get('recovery_floor_ci'))}",
-                ]
-            )
-        out.append(
-            _md_table(
-                [
-                    "dataset",
-                    "method",
-                    "Unlearned+RTT (opt / honest)",
-                    "Original+RTT (opt / honest)",
-                    "Control+RTT (opt / honest)",
-                    "recovery (opt / honest)",
-                    "floor-adj. (opt / honest)",
-                ],
-                rows,
-            )
-        )
-    else:
+        ),
+    ]
+
+
+def _side_by_side_md(results: Mapping[str, Any]) -> list[str]:
+    """Optimistic and honest attacker in one table, or why there is no honest one."""
+    s = results["summary"]
+    out = ["", "## Side by side: optimistic vs honest attacker", ""]
+    if not any(e.get("honest") for e in s):
         out.append(
             "No held-out slice of T (holdout_fraction = 0, the paper's protocol): "
             "only the optimistic attacker is reported."
         )
-    out += ["", "## Retain accuracy", ""]
+        return out
     out.append(
-        _md_table(
+        "The honest attacker picks (lr, epoch) on a slice of T held out from RTT training "
+        "and is scored on V at that choice; V is never consulted."
+    )
+    out.append("")
+    rows = []
+    for e in s:
+        h = e.get("honest") or {}
+        rows.append(
+            [
+                e["dataset"],
+                e["method"],
+                f"{fmt(e['unlearned_rtt'])} / {fmt(h.get('unlearned_rtt'))}",
+                f"{fmt(e['original_rtt'])} / {fmt(h.get('original_rtt'))}",
+                f"{fmt(e['control_rtt'])} / {fmt(h.get('control_rtt'))}",
+                f"{fmt_ci(e['recovery'], e.get('recovery_ci'))} / "
+                f"{fmt_ci(h.get('recovery'), h.get('recovery_ci'))}",
+                f"{fmt_ci(e.get('recovery_floor'), e.get('recovery_floor_ci'))} / "
+                f"{fmt_ci(h.get('recovery_floor'), h.get('recovery_floor_ci'))}",
+            ]
+        )
+    out.append(
+        md_table(
             [
                 "dataset",
                 "method",
-                "Original",
-                "Unlearned",
-                "Original+RTT",
-                "Unlearned+RTT",
-                "Control+RTT",
+                "Unlearned+RTT (opt / honest)",
+                "Original+RTT (opt / honest)",
+                "Control+RTT (opt / honest)",
+                "recovery (opt / honest)",
+                "floor-adj. (opt / honest)",
             ],
-            [
-                [
-                    e["dataset"],
-                    e["method"],
-                    _fmt(e.get("retain_original")),
-                    _fmt(e.get("retain_unlearned")),
-                    _fmt(e.get("retain_original_rtt")),
-                    _fmt(e.get("retain_unlearned_rtt")),
-                    _fmt(e.get("retain_control_rtt")),
-                ]
-                for e in s
-            ],
+            rows,
         )
     )
-    out += ["", "## Chosen hyperparameters", ""]
+    return out
+
+
+def _retain_md(results: Mapping[str, Any]) -> list[str]:
+    """Retain accuracy of every arm before and after RTT."""
+    rows = [
+        [
+            e["dataset"],
+            e["method"],
+            fmt(e.get("retain_original")),
+            fmt(e.get("retain_unlearned")),
+            fmt(e.get("retain_original_rtt")),
+            fmt(e.get("retain_unlearned_rtt")),
+            fmt(e.get("retain_control_rtt")),
+        ]
+        for e in results["summary"]
+    ]
+    headers = [
+        "dataset",
+        "method",
+        "Original",
+        "Unlearned",
+        "Original+RTT",
+        "Unlearned+RTT",
+        "Control+RTT",
+    ]
+    return ["", "## Retain accuracy", "", md_table(headers, rows)]
+
+
+def _chosen_md(results: Mapping[str, Any]) -> list[str]:
+    """The (lr, epoch) each attacker chose, per arm."""
     rows = []
-    for e in s:
+    for e in results["summary"]:
         for rule, block in (("optimistic", e), ("honest", e.get("honest"))):
             if not block:
                 continue
@@ -842,51 +851,50 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     _chosen_str(ch.get("control_rtt")),
                 ]
             )
-    out.append(
-        _md_table(
+    return [
+        "",
+        "## Chosen hyperparameters",
+        "",
+        md_table(
             ["dataset", "method", "selection", "Original+RTT", "Unlearned+RTT", "Control+RTT"], rows
-        )
-    )
-    out += _divergence_md(results)
-    out += ["", "## Per fold (optimistic selection)", ""]
-    out.append(
-        _md_table(
-            [
-                "dataset",
-                "method",
-                "V",
-                "n",
-                "Original",
-                "Unlearned",
-                "Original+RTT",
-                "Unlearned+RTT",
-                "Control+RTT",
-                "recovery",
-            ],
-            [
-                [
-                    f["dataset"],
-                    f["method"],
-                    f["fold"],
-                    str(f["n_questions"]),
-                    _fmt(f["original"]),
-                    _fmt(f["unlearned"]),
-                    _fmt(f["original_rtt"]),
-                    _fmt(f["unlearned_rtt"]),
-                    _fmt(f.get("control_rtt")),
-                    _fmt_ci(f["recovery"], f.get("recovery_ci")),
-                ]
-                for f in results.get("folds", [])
-            ],
-        )
-    )
-    out += ["", "## Provenance", ""]
-    out.append(
-        "Before every fold is trained on, `check_provenance` re-reads V from the dataset and "
-        "asserts that no V question text, fact id or subject occurs in any training text or in "
-        "the held-out slice; a violation aborts the run."
-    )
-    out.append("")
+        ),
+    ]
+
+
+def _per_fold_md(results: Mapping[str, Any]) -> list[str]:
+    """One row per fold V (optimistic selection)."""
+    rows = [
+        [
+            f["dataset"],
+            f["method"],
+            f["fold"],
+            str(f["n_questions"]),
+            fmt(f["original"]),
+            fmt(f["unlearned"]),
+            fmt(f["original_rtt"]),
+            fmt(f["unlearned_rtt"]),
+            fmt(f.get("control_rtt")),
+            fmt_ci(f["recovery"], f.get("recovery_ci")),
+        ]
+        for f in results.get("folds", [])
+    ]
+    headers = [
+        "dataset",
+        "method",
+        "V",
+        "n",
+        "Original",
+        "Unlearned",
+        "Original+RTT",
+        "Unlearned+RTT",
+        "Control+RTT",
+        "recovery",
+    ]
+    return ["", "## Per fold (optimistic selection)", "", md_table(headers, rows)]
+
+
+def _provenance_md(results: Mapping[str, Any]) -> list[str]:
+    """What each fold trained on, and that no V fact was in it (one row per distinct fold)."""
     prow = []
     seen = set()
     for rec in results.get("attacks", []):
@@ -913,23 +921,32 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     "yes" if p.get("checked") else "no",
                 ]
             )
-    out.append(
-        _md_table(
-            [
-                "dataset",
-                "V",
-                "T",
-                "loss",
-                "train texts",
-                "held out",
-                "held-out isolated",
-                "dropped (T∩V text)",
-                "checked",
-            ],
-            prow,
-        )
-    )
-    out += [
+    headers = [
+        "dataset",
+        "V",
+        "T",
+        "loss",
+        "train texts",
+        "held out",
+        "held-out isolated",
+        "dropped (T∩V text)",
+        "checked",
+    ]
+    return [
+        "",
+        "## Provenance",
+        "",
+        "Before every fold is trained on, `check_provenance` re-reads V from the dataset and "
+        "asserts that no V question text, fact id or subject occurs in any training text or in "
+        "the held-out slice; a violation aborts the run.",
+        "",
+        md_table(headers, prow),
+    ]
+
+
+def _figures_and_config_md(results: Mapping[str, Any]) -> list[str]:
+    """The figures' links and the run's configuration as JSON."""
+    return [
         "",
         "## Figures",
         "",
@@ -944,7 +961,26 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(out)
+
+
+#: report.md's sections in order; each takes the results dict and returns its lines.
+REPORT_SECTIONS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
+    _intro_md,
+    _summary_md,
+    _uncertainty_md,
+    _side_by_side_md,
+    _retain_md,
+    _chosen_md,
+    _divergence_md,
+    _per_fold_md,
+    _provenance_md,
+    _figures_and_config_md,
+)
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
+    return "\n".join(line for section in REPORT_SECTIONS for line in section(results))
 
 
 def _plot_recovery(results: Mapping[str, Any], path: Path) -> None:
@@ -1073,7 +1109,7 @@ def write_report(
     """Write results.json (atomic), results.csv, results_folds.csv, report.md and the PNGs."""
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = _clean(dict(results))
+    results = clean_json(dict(results))
     paths = {
         "results.json": write_json_atomic(out / "results.json", results),
         "results.csv": write_text_atomic(out / "results.csv", _csv(results["summary"])),
@@ -1122,28 +1158,28 @@ def summary_table(results: Mapping[str, Any]) -> Any:
         t.add_column("unl+RTT honest", justify="right")
         t.add_column("recovery honest", justify="right")
     for e in results["summary"]:
-        rec = _fmt(e["recovery"], 2)
+        rec = fmt(e["recovery"], 2)
         if e.get("recovery_ci") and e["recovery_ci"][0] is not None:
             rec += f" [{e['recovery_ci'][0]:.2f},{e['recovery_ci'][1]:.2f}]"
         row = [
             e["dataset"],
             e["method"],
-            _fmt(e["original"]),
-            _fmt(e["unlearned"]),
-            _fmt(e["original_rtt"]),
-            _fmt(e["unlearned_rtt"]),
-            _fmt(e["control_rtt"]),
+            fmt(e["original"]),
+            fmt(e["unlearned"]),
+            fmt(e["original_rtt"]),
+            fmt(e["unlearned_rtt"]),
+            fmt(e["control_rtt"]),
             rec,
-            _fmt(e.get("recovery_floor"), 2)
+            fmt(e.get("recovery_floor"), 2)
             + (
                 f" [{e['recovery_floor_ci'][0]:.2f},{e['recovery_floor_ci'][1]:.2f}]"
                 if (e.get("recovery_floor_ci") or [None])[0] is not None
                 else ""
             ),
-            _fmt(e["recovery_raw"], 2),
+            fmt(e["recovery_raw"], 2),
         ]
         if has_honest:
             h = e.get("honest") or {}
-            row += [_fmt(h.get("unlearned_rtt")), _fmt(h.get("recovery"), 2)]
+            row += [fmt(h.get("unlearned_rtt")), fmt(h.get("recovery"), 2)]
         t.add_row(*row)
     return t
