@@ -23,6 +23,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,186 @@ def _rtt_numbers(
     return out
 
 
+@dataclass
+class _Shared:
+    """What every method's rows share: the original and control arms, the folds, chance, rules."""
+
+    ds_name: str
+    row_info: dict[str, Any]
+    originals: list[ModelAttack]
+    controls: list[ModelAttack]
+    fold_names: list[str]
+    fold_slices: list[slice]
+    n_questions: int
+    chance: float
+    rules: list[str]
+    #: rule -> {"original": Picked, "control": Picked or None}
+    picked: dict[str, dict[str, Any]]
+    o_before: np.ndarray
+    c_before: np.ndarray | None
+    n_boot: int
+    seed: int
+    paired: bool
+
+
+def _method_numbers(sh: _Shared, atts: list[ModelAttack], mi: int) -> dict[str, Any]:
+    """Per selection rule: the method's after-RTT numbers over all folds, and its :class:`Picked`."""
+    per_rule = {}
+    for rule in sh.rules:
+        u = Picked(atts, rule)
+        o, c = sh.picked[rule]["original"], sh.picked[rule]["control"]
+        nums = _rtt_numbers(o, u, c, sh.chance, slice(None), sh.n_boot, sh.seed + mi, True,
+                            sh.paired)  # fmt: skip
+        nums["retain_original_rtt"] = o.retain
+        nums["retain_unlearned_rtt"] = u.retain
+        nums["retain_control_rtt"] = c.retain if c is not None else None
+        nums["chosen"] = {
+            "original_rtt": o.chosen_dicts(),
+            "unlearned_rtt": u.chosen_dicts(),
+            "control_rtt": c.chosen_dicts() if c is not None else None,
+        }
+        per_rule[rule] = (nums, u)
+    return per_rule
+
+
+def _summary_entry(
+    sh: _Shared, method: str, atts: list[ModelAttack], mi: int, per_rule: dict[str, Any]
+) -> dict[str, Any]:
+    """One summary row: the method's numbers before RTT, after it (optimistic) and honest."""
+    u_before = _before(atts)
+    opt = per_rule["optimistic"][0]
+    return {
+        "dataset": sh.ds_name,
+        **sh.row_info,
+        "method": method,
+        "chance": sh.chance,
+        "n_folds": len(sh.fold_names),
+        "folds": sh.fold_names,
+        "n_questions": sh.n_questions,
+        "n_seeds": {
+            "unlearned": len(atts),
+            "original": len(sh.originals),
+            "control": len(sh.controls),
+        },
+        "replicates": sh.originals[0].replicates,
+        "selection": "optimistic",
+        "original": float(sh.o_before.mean()),
+        "original_ci": before_ci(sh.originals, sh.n_boot, sh.seed),
+        "unlearned": float(u_before.mean()),
+        "unlearned_ci": before_ci(atts, sh.n_boot, sh.seed + mi),
+        "control": float(sh.c_before.mean()) if sh.c_before is not None else None,
+        **{k: v for k, v in opt.items()},
+        "retain_original": _retain_before(sh.originals),
+        "retain_unlearned": _retain_before(atts),
+        "retain_control": _retain_before(sh.controls) if sh.controls else None,
+        "honest": per_rule["honest"][0] if "honest" in per_rule else None,
+    }
+
+
+def _fold_rows(
+    sh: _Shared, method: str, atts: list[ModelAttack], mi: int, per_rule: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per fold V: the method's numbers on V's questions, at the summary's choice."""
+    u_before = _before(atts)
+    rows = []
+    for fi, (v, sl) in enumerate(zip(sh.fold_names, sh.fold_slices, strict=True)):
+        row: dict[str, Any] = {
+            "dataset": sh.ds_name,
+            **sh.row_info,
+            "method": method,
+            "fold": v,
+            "t": list(atts[0].folds[fi].t),
+            "n_questions": sl.stop - sl.start,
+            "chance": chance_level(sh.originals[0].folds[fi].n_choices),
+            "original": float(sh.o_before[:, sl].mean()),
+            "unlearned": float(u_before[:, sl].mean()),
+            "control": float(sh.c_before[:, sl].mean()) if sh.c_before is not None else None,
+        }
+        for rule in sh.rules:
+            u = per_rule[rule][1]
+            o, c = sh.picked[rule]["original"], sh.picked[rule]["control"]
+            nums = _rtt_numbers(o, u, c, row["chance"], sl, sh.n_boot, sh.seed + mi, True,
+                                sh.paired)  # fmt: skip
+            nums["retain_original_rtt"] = o.fold_retain(fi)
+            nums["retain_unlearned_rtt"] = u.fold_retain(fi)
+            if rule == "optimistic":
+                row.update(nums)
+            else:
+                row["honest"] = nums
+        row.setdefault("honest", None)
+        rows.append(row)
+    return rows
+
+
+def _attack_records(
+    originals: list[ModelAttack],
+    controls: list[ModelAttack],
+    methods: Mapping[str, list[ModelAttack]],
+    ds_name: str,
+) -> list[dict[str, Any]]:
+    """Every attack's full record (curves, per-question correctness), labelled with its role."""
+    attacks = []
+    for role, atts in (("original", originals), ("control", controls)):
+        for i, a in enumerate(atts):
+            attacks.append({"role": role, "method": None, "seed_index": i, **a.to_dict()})
+    for m, atts in methods.items():
+        for i, a in enumerate(atts):
+            attacks.append({"role": "unlearned", "method": m, "seed_index": i, **a.to_dict()})
+    return [{**a, "dataset": ds_name} for a in attacks]  # the label, not the data dir
+
+
+def _shared(
+    originals: list[ModelAttack],
+    controls: list[ModelAttack],
+    methods: Mapping[str, list[ModelAttack]],
+    dataset: str | None,
+    info: Mapping[str, Any] | None,
+    n_boot: int,
+    seed: int,
+) -> _Shared:
+    """Check the attacks cover the same folds; the arms and settings every method's rows share."""
+    groups: dict[str, list[ModelAttack]] = {"original": originals}
+    if controls:
+        groups["control"] = controls
+    for m, atts in methods.items():
+        groups[f"unlearned:{m}"] = atts
+    fold_names, fold_sizes, paired = _check_aligned(groups)
+    ds_name = dataset or originals[0].dataset
+    row_info = {
+        "attack": (info or {}).get("attack") or "rtt",
+        "base_dataset": (info or {}).get("base_dataset") or ds_name,
+        "regime": (info or {}).get("regime") or "pretrained",
+        "train_splits": len(originals[0].folds[0].t),
+        "paired_seeds": paired,
+    }
+    offsets = np.cumsum([0, *fold_sizes])
+    has_holdout = any(p.holdout_acc is not None for a in originals for p in a.curve_points())
+    rules = ["optimistic"] + (["honest"] if has_holdout else [])
+    return _Shared(
+        ds_name=ds_name,
+        row_info=row_info,
+        originals=originals,
+        controls=controls,
+        fold_names=fold_names,
+        fold_slices=[slice(int(offsets[i]), int(offsets[i + 1])) for i in range(len(fold_sizes))],
+        n_questions=int(offsets[-1]),
+        chance=chance_level(originals[0].n_choices),
+        rules=rules,
+        picked={
+            rule: {
+                "original": Picked(originals, rule),
+                "control": Picked(controls, rule) if controls else None,
+            }
+            for rule in rules
+        },
+        o_before=_before(originals),
+        c_before=_before(controls) if controls else None,
+        n_boot=n_boot,
+        seed=seed,
+        paired=paired,
+    )
+
+
 def build_results(
     unlearned: Mapping[str, ModelAttack | Sequence[ModelAttack]],
     original: ModelAttack | Sequence[ModelAttack],
@@ -285,123 +466,25 @@ def build_results(
     originals, controls = _as_list(original), _as_list(control)
     if not originals:
         raise ValueError("build_results needs the original model's attack")
-    groups: dict[str, list[ModelAttack]] = {"original": originals}
-    if controls:
-        groups["control"] = controls
     methods = {m: _as_list(a) for m, a in unlearned.items()}
     for m, atts in methods.items():
         if not atts:
             raise ValueError(f"method {m!r} has no attack")
-        groups[f"unlearned:{m}"] = atts
-    fold_names, fold_sizes, paired = _check_aligned(groups)
-    ds_name = dataset or originals[0].dataset
-    row_info = {
-        "attack": (info or {}).get("attack") or "rtt",
-        "base_dataset": (info or {}).get("base_dataset") or ds_name,
-        "regime": (info or {}).get("regime") or "pretrained",
-        "train_splits": len(originals[0].folds[0].t),
-        "paired_seeds": paired,
-    }
-    chance = chance_level(originals[0].n_choices)
-    offsets = np.cumsum([0, *fold_sizes])
-    fold_slices = [slice(int(offsets[i]), int(offsets[i + 1])) for i in range(len(fold_sizes))]
-    has_holdout = any(p.holdout_acc is not None for a in originals for p in a.curve_points())
-    rules = ["optimistic"] + (["honest"] if has_holdout else [])
-    picked = {
-        rule: {
-            "original": Picked(originals, rule),
-            "control": Picked(controls, rule) if controls else None,
-        }
-        for rule in rules
-    }
-    o_before = _before(originals)
-    c_before = _before(controls) if controls else None
+    sh = _shared(originals, controls, methods, dataset, info, n_boot, seed)
 
     summary: list[dict[str, Any]] = []
     fold_rows: list[dict[str, Any]] = []
     for mi, (method, atts) in enumerate(methods.items()):
-        u_before = _before(atts)
-        per_rule = {}
-        for rule in rules:
-            u = Picked(atts, rule)
-            o, c = picked[rule]["original"], picked[rule]["control"]
-            nums = _rtt_numbers(o, u, c, chance, slice(None), n_boot, seed + mi, True, paired)
-            nums["retain_original_rtt"] = o.retain
-            nums["retain_unlearned_rtt"] = u.retain
-            nums["retain_control_rtt"] = c.retain if c is not None else None
-            nums["chosen"] = {
-                "original_rtt": o.chosen_dicts(),
-                "unlearned_rtt": u.chosen_dicts(),
-                "control_rtt": c.chosen_dicts() if c is not None else None,
-            }
-            per_rule[rule] = (nums, u)
-        opt = per_rule["optimistic"][0]
-        entry: dict[str, Any] = {
-            "dataset": ds_name,
-            **row_info,
-            "method": method,
-            "chance": chance,
-            "n_folds": len(fold_names),
-            "folds": fold_names,
-            "n_questions": int(offsets[-1]),
-            "n_seeds": {
-                "unlearned": len(atts),
-                "original": len(originals),
-                "control": len(controls),
-            },
-            "replicates": originals[0].replicates,
-            "selection": "optimistic",
-            "original": float(o_before.mean()),
-            "original_ci": before_ci(originals, n_boot, seed),
-            "unlearned": float(u_before.mean()),
-            "unlearned_ci": before_ci(atts, n_boot, seed + mi),
-            "control": float(c_before.mean()) if c_before is not None else None,
-            **{k: v for k, v in opt.items()},
-            "retain_original": _retain_before(originals),
-            "retain_unlearned": _retain_before(atts),
-            "retain_control": _retain_before(controls) if controls else None,
-            "honest": per_rule["honest"][0] if "honest" in per_rule else None,
-        }
-        summary.append(entry)
-        for fi, (v, sl) in enumerate(zip(fold_names, fold_slices, strict=True)):
-            row: dict[str, Any] = {
-                "dataset": ds_name,
-                **row_info,
-                "method": method,
-                "fold": v,
-                "t": list(atts[0].folds[fi].t),
-                "n_questions": sl.stop - sl.start,
-                "chance": chance_level(originals[0].folds[fi].n_choices),
-                "original": float(o_before[:, sl].mean()),
-                "unlearned": float(u_before[:, sl].mean()),
-                "control": float(c_before[:, sl].mean()) if c_before is not None else None,
-            }
-            for rule in rules:
-                u = per_rule[rule][1]
-                o, c = picked[rule]["original"], picked[rule]["control"]
-                nums = _rtt_numbers(o, u, c, row["chance"], sl, n_boot, seed + mi, True, paired)
-                nums["retain_original_rtt"] = o.fold_retain(fi)
-                nums["retain_unlearned_rtt"] = u.fold_retain(fi)
-                if rule == "optimistic":
-                    row.update(nums)
-                else:
-                    row["honest"] = nums
-            row.setdefault("honest", None)
-            fold_rows.append(row)
+        per_rule = _method_numbers(sh, atts, mi)
+        summary.append(_summary_entry(sh, method, atts, mi, per_rule))
+        fold_rows += _fold_rows(sh, method, atts, mi, per_rule)
 
-    attacks = []
-    for role, atts in (("original", originals), ("control", controls)):
-        for i, a in enumerate(atts):
-            attacks.append({"role": role, "method": None, "seed_index": i, **a.to_dict()})
-    for m, atts in methods.items():
-        for i, a in enumerate(atts):
-            attacks.append({"role": "unlearned", "method": m, "seed_index": i, **a.to_dict()})
     cfg = {
         "rtt": originals[0].config,
         "scoring": originals[0].scoring,
         "selection": {
             "scope": "shared across folds",
-            "rules": rules,
+            "rules": sh.rules,
             "min_epoch": 1,
             "tie_break": "smaller lr, then earlier epoch",
         },
@@ -416,11 +499,11 @@ def build_results(
             "schema_version": SCHEMA_VERSION,
             "rtteval_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "datasets": [ds_name],
+            "datasets": [sh.ds_name],
             "config": cfg,
             "summary": summary,
             "folds": fold_rows,
-            "attacks": [{**a, "dataset": ds_name} for a in attacks],  # the label, not the data dir
+            "attacks": _attack_records(originals, controls, methods, sh.ds_name),
         }
     )
 
