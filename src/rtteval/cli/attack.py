@@ -158,7 +158,7 @@ def attack_cmd(
     from rtteval.models import load_model
     from rtteval.models.loading import check_model_files
     from rtteval.stages.pretrain import retain_eval_name, scoring_for
-    from rtteval.training.loop import check_precision
+    from rtteval.training.precision import check_precision
 
     check_device_option(device)
     if threads:
