@@ -102,14 +102,14 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rtteval.models.loading import snapshot_state  # noqa: E402
 from rtteval.scoring import forward_logits, position_ids_from_mask  # noqa: E402
-from rtteval.training.loop import (  # noqa: E402
+from rtteval.training.batching import make_batches  # noqa: E402
+from rtteval.training.config import TrainConfig  # noqa: E402
+from rtteval.training.loop import train  # noqa: E402
+from rtteval.training.losses import lm_loss_fn  # noqa: E402
+from rtteval.training.precision import (  # noqa: E402
     PRECISIONS,
-    TrainConfig,
     cast_for_precision,
     cast_parameters,
-    lm_loss_fn,
-    make_batches,
-    train,
 )
 
 LLAMA3_8B: dict[str, Any] = dict(

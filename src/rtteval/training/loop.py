@@ -22,23 +22,19 @@ from typing import Any, overload
 import torch
 
 from rtteval.errors import ConfigError
-from rtteval.training.batching import Batch, count_tokens, make_batches, to_device
+from rtteval.training.batching import Batch, count_tokens, to_device
 from rtteval.training.config import TrainConfig
 from rtteval.training.grid import LrGrid
-from rtteval.training.losses import LossFn, lm_loss_fn
+from rtteval.training.losses import LossFn
 from rtteval.training.optim import lr_factor, make_optimizer
 from rtteval.training.precision import (
     PRECISIONS,
     LostUpdateWarning,
     autocast_for,
     cast_for_precision,
-    cast_parameters,
     lost_update_warnings,
     resolve_precision,
 )
-
-#: benchmarks/gpu_rtt.py imports these from here; they go once it names their modules.
-_BENCHMARK_IMPORTS = (make_batches, lm_loss_fn, cast_parameters)
 
 #: ``diverged(loss)``: why this loss ends the run as diverged, or None to go on.
 DivergenceHook = Callable[[float], "str | None"]
