@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rtteval.analysis.budget import budget_entry, budget_markdown, plot_budget
 from rtteval.analysis.metrics import (
     N_BOOT,
     Arm,
@@ -257,6 +258,13 @@ def _rtt_numbers(
     return out
 
 
+def _optimistic_choices(picked: Mapping[str, Any], per_rule: Mapping[str, Any]) -> dict[str, Any]:
+    """Every role's optimistic choice per seed: the learning rate its budget curve is read at."""
+    o, c = picked["optimistic"]["original"], picked["optimistic"]["control"]
+    return {"original": o.chosen, "unlearned": per_rule["optimistic"][1].chosen,
+            "control": c.chosen if c is not None else []}  # fmt: skip
+
+
 def build_results(
     unlearned: Mapping[str, ModelAttack | Sequence[ModelAttack]],
     original: ModelAttack | Sequence[ModelAttack],
@@ -362,6 +370,11 @@ def build_results(
             "retain_control": _retain_before(controls) if controls else None,
             "honest": per_rule["honest"][0] if "honest" in per_rule else None,
         }
+        budget = budget_entry(row_info["attack"], originals, atts, controls,
+                              _optimistic_choices(picked, per_rule), chance, paired=paired,
+                              n_boot=n_boot, seed=seed + mi)  # fmt: skip
+        if budget is not None:
+            entry["budget"] = budget
         summary.append(entry)
         for fi, (v, sl) in enumerate(zip(fold_names, fold_slices, strict=True)):
             row: dict[str, Any] = {
@@ -511,6 +524,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
                     if pts
                     else ""
                 )
+        elif k == "points":  # a budget curve: in results.json, not a CSV cell
+            continue
         elif k.endswith("_ci"):
             lo, hi = (v or [None, None])[:2]
             out[f"{key}_lo"], out[f"{key}_hi"] = lo, hi
@@ -929,8 +944,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             prow,
         )
     )
+    out += ["", *budget_markdown(results)]
     out += [
-        "",
         "## Figures",
         "",
         "![recovery](fig_recovery.png)",
@@ -1091,6 +1106,7 @@ def write_report(
             fn(results, tmp)
             tmp.replace(out / name)
             paths[name] = out / name
+        paths.update({p.name: p for p in plot_budget(results, out)})
     return paths
 
 

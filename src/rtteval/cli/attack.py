@@ -223,7 +223,8 @@ def attack_cmd(
         jobs.insert(1, ("control", control, "control"))
     for _role, path, _lab in jobs:  # a bad weights file fails before any output exists
         check_model_files(path)
-    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=_ATTACK_ENTRIES)
+    names = (*_ATTACK_ENTRIES, f"fig_budget_{attack}.png")
+    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=names)
     resume = resume and not overwrite
     attacks: dict[str, ModelAttack] = {}
     for role, path, lab in jobs:
