@@ -247,6 +247,7 @@ def relearn(
     batched: bool | None = None,
     trainable: Callable[[str], bool] | None = None,
     make_ensemble: Callable[[torch.nn.Module, Sequence[float]], Ensemble | None] | None = None,
+    after_run: Callable[[Fold, float, int, torch.nn.Module, int | None], None] | None = None,
 ) -> ModelAttack:
     """Fine-tune ``model`` on each fold's items for every lr in ``cfg.lrs``; the model is returned unchanged.
 
@@ -269,6 +270,9 @@ def relearn(
     adapters only); the learning rates then run one by one unless
     ``make_ensemble(model, lrs)`` builds the batched model for them
     (LoRA-RTT's stacked adapters; its ``close()`` runs at the end; None: one by one).
+    ``after_run(fold, lr, replicate, trained, g)`` sees every run's trained
+    model once its last epoch is evaluated (LoRA-RTT saves the adapters):
+    ``trained`` is the model itself, or the ensemble with ``g`` its member.
     """
     retain_q = list(retain_questions or [])
     say = log or (lambda _msg: None)
@@ -397,6 +401,9 @@ def relearn(
                         evaluate=evaluate,
                         progress=bar if progress else None,
                     )
+                    for g, lr in enumerate(cfg.lrs):
+                        if after_run is not None:
+                            after_run(fold, lr, rep, ensemble, g)
                 else:
                     results = []
                     for lr in cfg.lrs:
@@ -413,6 +420,8 @@ def relearn(
                                 progress=f"{what} lr={lr:g}" if progress else None,
                             )
                         )
+                        if after_run is not None:
+                            after_run(fold, lr, rep, model, None)
                 for lr, res in zip(cfg.lrs, results, strict=True):
                     warned.update(res.warnings)
                     runs.append(_run_result(lr, res, spe, rep, tokens_at))

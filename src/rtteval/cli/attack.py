@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +27,7 @@ from rtteval.errors import ConfigError, UserError
 from rtteval.outputs import OVERWRITE_HELP, ResumableOutput
 
 _REPORT_FILES = ("results.json", "results.csv", "results_folds.csv", "report.md")
-_ATTACK_ENTRIES = ("attacks", *_REPORT_FILES, "fig_recovery.png", "fig_rtt_curves.png")
+_ATTACK_ENTRIES = ("attacks", "adapters", *_REPORT_FILES, "fig_recovery.png", "fig_rtt_curves.png")
 """What ``attack`` writes into OUT: a user's file of one of these names is never replaced."""
 
 console = Console(stderr=True, markup=False, highlight=False)
@@ -168,6 +170,7 @@ def attack_cmd(
             f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", file="--attack"
         )
     runner = get_attack(attack)
+    saves = getattr(runner, "saves_adapters", False)
     given: dict[str, Any] = {
         "paper": paper or None,
         "lrs": _floats(lrs, "lrs"),
@@ -249,12 +252,14 @@ def attack_cmd(
                 pass
         console.print(f"{role}: loading {path}")
         m, tok = load_model(path, device=device)
+        # LoRA-RTT's adapters go to OUT/adapters/<role> once the attack is done (peft's format)
+        staged = Path(tempfile.mkdtemp(prefix="rtteval-adapters-")) if saves else None
         try:
             a = runner.run(
                 m,
                 tok,
                 ds,
-                settings,
+                {**settings, "save_adapters": str(staged)} if staged else settings,
                 scoring,
                 folds=fold_list,
                 retain_questions=retain,
@@ -262,6 +267,10 @@ def attack_cmd(
                 progress=True,
                 log=lambda s: console.print(f"  {s}"),
             )
+        except BaseException:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
         finally:
             del m
             gc.collect()
@@ -271,6 +280,12 @@ def attack_cmd(
         a.meta["role"] = role
         target.open()
         target.add("attacks")
+        if staged is not None:
+            target.add("adapters")
+            dest = out / "adapters" / role
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(staged, dest)
         write_json_atomic(cache, {"key": key, "attack": a.to_dict()})
         console.print(f"{role}: done in {a.wall_time:.1f} s")
         attacks[role] = a
