@@ -105,3 +105,49 @@ def test_a_batched_member_saves_as_the_adapter_it_is(pretrained_tiny, tmp_path: 
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(
         got, model(input_ids=ids).logits, atol=1e-3
     )
+
+
+def test_lora_flags_from_the_cli(pretrained_tiny, tmp_path: Path, cli) -> None:
+    """Ranks, alpha, dropout, target modules and eval_every_steps reach the records and OUT."""
+    import json
+
+    p = pretrained_tiny
+    models = ["--model", p["original"], "--original", p["original"], "--data", p["world"]]
+    out = tmp_path / "lora"
+    r = cli(
+        "attack", "--attack", "lora_rtt", *models, "--control", p["control"], "--out", out,
+        "--ranks", "2,4", "--alpha", "8", "--dropout", "0.0", "--target-modules", "q_proj,v_proj",
+        "--eval-every-steps", "2", "--lrs", "1e-2", "--epochs", "1", "--folds", "split_0",
+        "--n-boot", "20",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    for a in res["attacks"]:
+        assert a["config"]["lora"] == {"ranks": [2, 4], "alphas": [8.0, 8.0], "dropout": 0.0,
+                                       "target_modules": ["q_proj", "v_proj"]}  # fmt: skip
+        assert a["config"]["eval_every_steps"] == 2 and all(
+            run["curve"] for f in a["folds"] for run in f["runs"]
+        )
+    (s,) = res["summary"]
+    assert (
+        s["budget"]["source"] == "steps" and "## Attack budget" in (out / "report.md").read_text()
+    )
+    assert (out / "fig_budget_lora_rtt.png").is_file()
+    for role in ("original", "control", "unlearned"):
+        for rank in (2, 4):
+            cfg = out / "adapters" / role / f"rank{rank}" / "split_0" / "lr0.01"
+            assert json.loads((cfg / "adapter_config.json").read_text())["r"] == rank
+    # an option of another attack, or a setting out of range: one line, exit 2, nothing written
+    bad = tmp_path / "bad"
+    for args, flag in (
+        (["--attack", "rtt", "--rank", "4"], "--rank"),
+        (["--attack", "icl", "--eval-every-steps", "3"], "--eval-every-steps"),
+        (["--attack", "lora_rtt", "--rank", "2", "--ranks", "2,4"], "--ranks"),
+        (["--attack", "lora_rtt", "--ranks", "0,2"], "--ranks"),
+        (["--attack", "lora_rtt", "--ranks", "2,2"], "--ranks"),
+        (["--attack", "lora_rtt", "--target-modules", ","], "--target-modules"),
+        (["--attack", "lora_rtt", "--dropout", "1"], "--dropout"),
+    ):
+        r = cli("attack", *models, "--out", bad, *args)
+        assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr, (args, r)
+        assert not bad.exists()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from rtteval.attacks.base import AttackConfig, register_attack
 from rtteval.attacks.rtt import RTTSpec
@@ -87,13 +87,14 @@ class LoraRTTSpec(RTTSpec):
         "LoRA-RTT: LoRA adapters fine-tuned on the other forget splits (T), measure V"
     )
 
-    @model_validator(mode="after")
-    def _one_rank_setting(self) -> LoraRTTSpec:
-        if self.rank is not None and self.ranks is not None:
+    @field_validator("ranks")
+    @classmethod
+    def _one_rank_setting(cls, ranks: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if ranks is not None and info.data.get("rank") is not None:
             raise ValueError("give rank or ranks, not both")
-        if self.ranks is not None and len(set(self.ranks)) != len(self.ranks):
-            raise ValueError(f"ranks has duplicates: {self.ranks}")
-        return self
+        if ranks is not None and len(set(ranks)) != len(ranks):
+            raise ValueError(f"ranks has duplicates: {ranks}")
+        return ranks
 
     def lora(self) -> dict[str, Any]:
         """The resolved adapter settings (stored in job keys and results under ``lora``).

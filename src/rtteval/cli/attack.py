@@ -62,6 +62,15 @@ def _ints(text: str | None, name: str) -> list[int] | None:
     return vals
 
 
+def _names(text: str | None, name: str) -> list[str] | None:
+    if text is None:
+        return None
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if not vals:
+        raise ConfigError("empty list", file=f"--{name}")
+    return vals
+
+
 def _model_fingerprint(path: str) -> str:
     """Path plus size and mtime of its files: a retrained model at the same path is not reused."""
     p = Path(path)
@@ -124,6 +133,38 @@ def attack_cmd(
         int | None,
         typer.Option(help="quantize: inputs per scale of the *-group schemes", parser=COUNT),
     ] = None,
+    eval_every_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="rtt, lora_rtt, retain_relearn: also evaluate V every k optimizer steps "
+            "(budget curves)",
+            parser=COUNT,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="lora_rtt: the adapters' rank (default 8)", parser=COUNT)
+    ] = None,
+    ranks: Annotated[
+        str | None,
+        typer.Option(help="lora_rtt: comma-separated rank grid, crossed with --lrs"),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="lora_rtt: LoRA's alpha (default 2 x rank)", parser=POSITIVE),
+    ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            help="lora_rtt: dropout on the adapters' input (0: none, the default)",
+            parser=Number(float, ge=0, lt=1),
+        ),
+    ] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option(
+            help="lora_rtt: comma-separated module names (default: attention and MLP projections)"
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(parser=SEED)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     precision: Annotated[
@@ -184,8 +225,16 @@ def attack_cmd(
         "schemes": [x.strip() for x in schemes.split(",") if x.strip()] if schemes else None,
         "group_size": group_size,
         "precision": precision,
+        "eval_every_steps": eval_every_steps,
+        "rank": rank,
+        "ranks": _ints(ranks, "ranks"),
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": _names(target_modules, "target-modules"),
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if rank is not None and ranks is not None:
+        raise ConfigError("give --rank or --ranks, not both", file="--ranks")
     if precision is not None:
         check_precision(precision)  # names the known precisions
     own = runner.config_type.model_fields
