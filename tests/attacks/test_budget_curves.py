@@ -58,3 +58,17 @@ def test_step_evaluations_form_a_curve_and_leave_the_epochs_alone(world: Dataset
     assert len({tuple(c.v_correct) for c in big}) > 1
     back = ModelAttack.from_dict(json.loads(json.dumps(stepped.to_dict())))
     assert back.to_dict() == stepped.to_dict()
+
+
+def test_retain_relearn_records_curves_too(world: Dataset) -> None:
+    """eval_every_steps is declared once for every fine-tuning attack: retain-only gets it."""
+    from rtteval.attacks.retain_relearn import RetainRelearn, RetainRelearnConfig
+
+    tok = train_word_tokenizer(world_texts(world))
+    model = build_tiny_model("micro", tok, seed=0)
+    cfg = RetainRelearnConfig(lrs=[1e-3], epochs=1, batch_size=8, max_texts=24,
+                              eval_every_steps=1, retain_eval="none").resolved(seed=0)  # fmt: skip
+    a = RetainRelearn().run(model, tok, world, cfg, folds=["split_0"])
+    (run,) = a.folds[0].runs
+    assert a.config["eval_every_steps"] == 1
+    assert [c.step for c in run.curve] == list(range(1, run.steps + 1)) and run.steps == 3
