@@ -99,3 +99,14 @@ def test_report_says_whether_the_attack_teaches_at_the_selected_budget(
     paths = write_report(tmp_path, res)
     assert (tmp_path / "fig_budget_lora_rtt.png").is_file() and "fig_budget_lora_rtt.png" in paths
     assert "budget_points" not in (tmp_path / "results.csv").read_text()
+
+
+def test_without_bootstrap_there_are_no_intervals_and_no_claim_about_the_control(
+    tmp_path: Path,
+) -> None:
+    res = build_results({"gd": _attack("u", _unlearned)}, _attack("o", _original),
+                        _attack("c", _late_learner), dataset="w", n_boot=0)  # fmt: skip
+    b = res["summary"][0]["budget"]
+    assert b["steps_to_half"] == 5 and b["steps_to_half_ci"] is None
+    assert b["control_learns_at"] is None and b["points"][3]["control_ci"] == [None, None]
+    assert "fig_budget_rtt.png" in write_report(tmp_path, res)  # the figure draws without bands

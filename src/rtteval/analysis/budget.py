@@ -191,7 +191,7 @@ def budget_entry(
         tokens = toks if tokens is None else tokens
         arms[role] = Arm(curves[role], fold_of, [0] * len(ps))
     point = {r: np.mean([c.mean(axis=(0, 2)) for c in cs], axis=0) for r, cs in curves.items()}
-    boot = hierarchical_curves(arms, paired=paired, n_boot=max(n_boot, 1), seed=seed)
+    boot = hierarchical_curves(arms, paired=paired, n_boot=n_boot, seed=seed)  # 0: no CIs
     rec_pt = _recovery(point["unlearned"], point["original"], chance)
     rec_bs = _recovery(boot["unlearned"], boot["original"], chance)
     ci = {r: [percentile_ci(b[:, i]) for i in range(len(grid))] for r, b in boot.items()}
@@ -227,7 +227,7 @@ def budget_entry(
         "selected_steps": selected,
         "points": points,
         "steps_to_half": None if math.isinf(half_pt) else half_pt,
-        "steps_to_half_ci": _rank_ci(_first(rec_bs >= HALF, g)),
+        "steps_to_half_ci": _rank_ci(_first(rec_bs >= HALF, g)) if n_boot else None,
         "auc": auc_pt if math.isfinite(auc_pt) else None,
         "auc_ci": list(percentile_ci(_auc(rec_bs, g))),
         "control_learns_at": learns,
@@ -300,7 +300,8 @@ def budget_markdown(results: Mapping[str, Any]) -> list[str]:
             f"{b['points'][-1]['step']}",
             _fmt_steps(b.get("steps_to_half")) + _half_ci(b.get("steps_to_half_ci")),
             fmt_ci(b.get("auc"), b.get("auc_ci")),
-            _fmt_steps(b.get("control_learns_at")) if "control" in b["lrs"] else "—",
+            _fmt_steps(b.get("control_learns_at"))
+            if "control" in b["lrs"] and b.get("steps_to_half_ci") is not None else "—",
         ])  # fmt: skip
     out.append(md_table(["dataset", "method", "attack", "points", "last budget (steps)",
                          "steps to 50% recovery", "AUC (recovery)", "control learns at"],
@@ -360,10 +361,11 @@ def plot_budget(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
                 if b["points"][0].get(key) is None:
                     continue
                 y = [p[key] for p in b["points"]]
-                lo = [p[f"{key}_ci"][0] for p in b["points"]]
-                hi = [p[f"{key}_ci"][1] for p in b["points"]]
+                band = np.array([[np.nan if v is None else v for v in p[f"{key}_ci"] or (None,)*2]
+                                 for p in b["points"]], float)  # fmt: skip
                 ax.plot(x, y, marker="o", ms=2.5, color=color, label=label)
-                ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+                if np.isfinite(band).any():  # no band without CIs (n_boot 0)
+                    ax.fill_between(x, band[:, 0], band[:, 1], color=color, alpha=0.15, lw=0)
             ax.axhline(e["chance"], color="k", ls="--", lw=0.8, label="chance")
             if b.get("control_learns_at") is not None:
                 ax.axvline(b["control_learns_at"], color="#55a868", ls=":", lw=1,
