@@ -573,7 +573,7 @@ def _controls(results: Mapping[str, Any], infos: Mapping[str, DatasetInfo]) -> d
     return {"rows": rows}
 
 
-def _train_size(results: Mapping[str, Any], infos: Mapping[str, DatasetInfo]) -> dict[str, Any]:
+def train_size_table(results: Mapping[str, Any], infos: Mapping[str, DatasetInfo]) -> dict[str, Any]:
     """Recovery vs |T|: every (world, regime, method) row, sorted by |T|."""
     rows = [{**_row(e, infos[e["dataset"]]), "full_t": infos[e["dataset"]].full}
             for e in results["summary"]]  # fmt: skip
@@ -723,7 +723,7 @@ def analyze(
             "ci_method": DIFF_CI_METHOD,
         },
         "controls": _controls(results, infos),
-        "train_size": _train_size(results, infos),
+        "train_size": train_size_table(results, infos),
         "steps": {
             "selection": "per seed, the lr with the best V accuracy pooled over folds at exactly "
             "this epoch (optimistic); recovery uses the original's accuracy at the same epoch",
@@ -889,7 +889,7 @@ def _controls_md(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [say, "", table]
 
 
-def _train_size_md(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def train_size_md(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     body = []
     series: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -999,7 +999,7 @@ def render_markdown(findings: Mapping[str, Any]) -> str:
         "",
         "## Recovery vs amount of retraining data (|T| splits)",
         "",
-        *_train_size_md(findings["train_size"]["rows"]),
+        *train_size_md(findings["train_size"]["rows"]),
         "",
         "## Recovery vs RTT steps",
         "",

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from rtteval.analysis.budget import budget_entry, budget_markdown, plot_budget
 from rtteval.analysis.metrics import (
     N_BOOT,
     Arm,
@@ -438,6 +439,13 @@ def _shared(
     )
 
 
+def _optimistic_choices(picked: Mapping[str, Any], per_rule: Mapping[str, Any]) -> dict[str, Any]:
+    """Every role's optimistic choice per seed: the learning rate its budget curve is read at."""
+    o, c = picked["optimistic"]["original"], picked["optimistic"]["control"]
+    return {"original": o.chosen, "unlearned": per_rule["optimistic"][1].chosen,
+            "control": c.chosen if c is not None else []}  # fmt: skip
+
+
 def build_results(
     unlearned: Mapping[str, ModelAttack | Sequence[ModelAttack]],
     original: ModelAttack | Sequence[ModelAttack],
@@ -476,7 +484,13 @@ def build_results(
     fold_rows: list[dict[str, Any]] = []
     for mi, (method, atts) in enumerate(methods.items()):
         per_rule = _method_numbers(sh, atts, mi)
-        summary.append(_summary_entry(sh, method, atts, mi, per_rule))
+        entry = _summary_entry(sh, method, atts, mi, per_rule)
+        budget = budget_entry(sh.row_info["attack"], sh.originals, atts, sh.controls,
+                              _optimistic_choices(sh.picked, per_rule), sh.chance,
+                              paired=sh.paired, n_boot=sh.n_boot, seed=sh.seed + mi)  # fmt: skip
+        if budget is not None:
+            entry["budget"] = budget
+        summary.append(entry)
         fold_rows += _fold_rows(sh, method, atts, mi, per_rule)
 
     cfg = {
@@ -596,6 +610,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
                     if pts
                     else ""
                 )
+        elif k == "points":  # a budget curve: in results.json, not a CSV cell
+            continue
         elif k.endswith("_ci"):
             lo, hi = (v or [None, None])[:2]
             out[f"{key}_lo"], out[f"{key}_hi"] = lo, hi
@@ -1046,6 +1062,11 @@ def _figures_and_config_md(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _budget_md(results: Mapping[str, Any]) -> list[str]:
+    """How much attack it takes: analysis/budget.py's section."""
+    return ["", *budget_markdown(results)]
+
+
 #: report.md's sections in order; each takes the results dict and returns its lines.
 REPORT_SECTIONS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
     _intro_md,
@@ -1057,6 +1078,7 @@ REPORT_SECTIONS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
     _divergence_md,
     _per_fold_md,
     _provenance_md,
+    _budget_md,
     _figures_and_config_md,
 )
 
@@ -1210,6 +1232,7 @@ def write_report(
             fn(results, tmp)
             tmp.replace(out / name)
             paths[name] = out / name
+        paths.update({p.name: p for p in plot_budget(results, out)})
     return paths
 
 

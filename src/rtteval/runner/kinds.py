@@ -269,7 +269,9 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
     scoring = scoring_for(ds, batch_size=int(rt.get("eval_batch_size", 128)))
     model, tok = _load(config, deps)
     result = attack.run(
-        model, tok, ds, {**config[config["attack"]], "precision": config.get("precision", "auto")},
+        model, tok, ds, {**config[config["attack"]], "precision": config.get("precision", "auto"),
+                         **({"save_adapters": str(job_dir / "adapters")}
+                            if getattr(attack, "saves_adapters", False) else {})},
         scoring, folds=[fold],
         retain_questions=retain_q, retain_dataset=retain_ds, label=config["label"],
         progress=False, log=print,
