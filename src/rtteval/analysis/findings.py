@@ -573,7 +573,9 @@ def _controls(results: Mapping[str, Any], infos: Mapping[str, DatasetInfo]) -> d
     return {"rows": rows}
 
 
-def train_size_table(results: Mapping[str, Any], infos: Mapping[str, DatasetInfo]) -> dict[str, Any]:
+def train_size_table(
+    results: Mapping[str, Any], infos: Mapping[str, DatasetInfo]
+) -> dict[str, Any]:
     """Recovery vs |T|: every (world, regime, method) row, sorted by |T|."""
     rows = [{**_row(e, infos[e["dataset"]]), "full_t": infos[e["dataset"]].full}
             for e in results["summary"]]  # fmt: skip
