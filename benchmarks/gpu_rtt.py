@@ -21,12 +21,13 @@ exists, so a run cut short still leaves its numbers):
    ``rtteval.training.loop.make_batches`` (length bucketing).  Same lr, same Lion
    betas, no clipping, no warmup, constant lr: the same math.
 3. MCQ evaluation forward passes under ``torch.inference_mode``: batch 4
-   (paper-shaped) and --eval-batch (default 64) through
-   ``rtteval.scoring.forward_logits`` followed by ``.cpu()`` of the logits,
-   exactly what ``score_letters`` does; the same large batch without the copy;
-   and a last-position-only variant (``logits_to_keep=1``), which is all
-   letter scoring needs.
-4. The estimated wall time of the full Years RTT sweep for an 8B model (5
+   (paper-shaped, all logits copied to the CPU as the paper's code scores) and
+   --eval-batch (default 64) through ``rtteval.scoring.forward_logits`` with
+   the last position's letter logits picked on the device and copied, exactly
+   what ``score_letters`` does (``letters``); the same large batch copying
+   every logit (``copy``) and with no copy (``forward``); and a
+   last-position-only variant (``logits_to_keep=1``).
+4. The estimated wall time (rtteval: its bs4 step and ``letters`` evaluation) of the full Years RTT sweep for an 8B model (5
    folds x 6 lrs x 6 epochs, 632 training questions per fold at batch 4 =
    158 steps per epoch, V = 158 questions evaluated after every epoch) for
    both, and their ratio.
@@ -40,6 +41,13 @@ exists, so a run cut short still leaves its numbers):
    at --lr.  ``train`` casts the weights to the precision's dtype; they are
    cast back to the build dtype after each (lossless from bf16).  Then, with
    --compile, on ``torch.compile(model, dynamic=True)``, last.
+7. LoRA-RTT's step (between the precisions without and with checkpointing):
+   for each RANKxADAPTERS in --lora (default ranks 16 and 128 with 1, 6 and
+   12 adapters), peft adapters on every projection of the frozen model,
+   stacked as ``lora_rtt`` stacks its lr grid (``LoraEnsemble``), AdamW, the
+   default precision, batch 4 per adapter: time, tokens/s over all
+   adapters, peak memory (checked against benchmarks/memory_8b.py's
+   computed LoRA table in docs/performance.md).
 
 FLOPs (stated in the JSON under ``flops``): N = the parameters that do matrix
 products = all parameters minus the input embedding (an embedding lookup does
@@ -71,6 +79,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -93,13 +102,14 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rtteval.models.loading import snapshot_state  # noqa: E402
 from rtteval.scoring import forward_logits, position_ids_from_mask  # noqa: E402
-from rtteval.training.loop import (  # noqa: E402
+from rtteval.training.batching import make_batches  # noqa: E402
+from rtteval.training.config import TrainConfig  # noqa: E402
+from rtteval.training.loop import train  # noqa: E402
+from rtteval.training.losses import lm_loss_fn  # noqa: E402
+from rtteval.training.precision import (  # noqa: E402
     PRECISIONS,
-    TrainConfig,
+    cast_for_precision,
     cast_parameters,
-    lm_loss_fn,
-    make_batches,
-    train,
 )
 
 LLAMA3_8B: dict[str, Any] = dict(
@@ -489,17 +499,94 @@ class Bench:
             torch._dynamo.reset()
         return rec
 
+    def lora_step_bench(self, rank: int, adapters: int) -> dict:
+        """LoRA-RTT's step: ``adapters`` LoRA adapters of ``rank`` on the frozen model, as one batch.
+
+        What ``lora_rtt`` trains (``attacks/lora_rtt.py``): peft adapters on every
+        attention and MLP projection, stacked into one :class:`LoraEnsemble` (each
+        adapter sees the same batch of 4), AdamW, the default precision.  The
+        frozen base needs no weight gradients, so a step costs about
+        4 * n_matmul FLOPs per token and adapter (forward + activation gradients);
+        the MFU column uses that.  The model is unwrapped afterwards.
+        """
+        from rtteval.attacks.lora_rtt import ALL_LINEAR, LoraEnsemble, attach_lora
+
+        args = self.args
+        peft_model = attach_lora(
+            self.model,
+            {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0, "target_modules": ALL_LINEAR},
+            seed=args.seed,
+        )
+        precision = cast_for_precision(peft_model, "auto")  # as relearn() does: bf16 on a GPU
+        ens = LoraEnsemble(peft_model, [2e-4] * adapters)
+        try:
+            adapter_params = ens._flat.numel()
+            batches = make_batches(self.seqs, 4, 0, seed=args.seed)
+            warm = take(batches, 0, args.warmup)
+            timed = take(batches, args.warmup, args.steps)
+            cfg = TrainConfig(
+                lr=2e-4,
+                epochs=1,
+                optimizer="adamw",
+                grad_clip=None,
+                schedule="constant",
+                warmup_steps=0,
+                eval_every_epochs=None,
+                autocast="auto",
+                seed=args.seed,
+                precision=precision,  # type: ignore[arg-type]
+            )
+            self.reset_mem()
+            train(ens, lambda _epoch: warm, lm_loss_fn, cfg)
+            self.sync()
+            t = time.perf_counter()
+            res = train(ens, lambda _epoch: timed, lm_loss_fn, cfg)
+            self.sync()
+            seconds = time.perf_counter() - t
+            steps = res[0].steps
+            real, padded = pad_stats(timed)
+            r = self.rates(4 * self.n_matmul * real * adapters, seconds)
+            out = {
+                "rank": rank,
+                "adapters": adapters,
+                "batch_size_per_adapter": 4,
+                "timed_steps": steps,
+                "step_s_mean": seconds / steps,
+                "adapter_params_total": adapter_params,
+                "adapter_dtype": str(ens._flat.dtype).removeprefix("torch."),
+                "precision": res[0].precision,
+                "tokens_per_s": real * adapters / seconds,
+                "tokens_per_s_per_adapter": real / seconds,
+                **r,
+                "flops_per_token": "4 * n_matmul per adapter (frozen base: no weight gradients)",
+                "peak_mem_gib": self.peak_mem_gib(),
+                "loss_first": round(res[0].losses[0], 4) if res[0].losses else None,
+                "loss_last": round(res[0].losses[-1], 4) if res[0].losses else None,
+                "what": "rtteval.attacks.lora_rtt: attach_lora + LoraEnsemble + training.loop.train",
+            }
+        finally:
+            ens.close()
+            peft_model.unload()
+        mfu, mem = _mfu_mem(out)
+        log(
+            f"LoRA r{rank} x{adapters}: {out['step_s_mean'] * 1e3:.1f} ms/step, "
+            f"{out['tokens_per_s']:.0f} tokens/s over all adapters, MFU {mfu}, peak mem {mem}"
+        )
+        return out
+
     # -- 3. evaluation
 
     def eval_bench(self, batch_size: int, mode: str) -> dict:
-        """``mode``: ``copy`` (forward_logits + .cpu(), as score_letters), ``forward`` (no copy),
-        ``last`` (logits_to_keep=1, last position only)."""
+        """``mode``: ``letters`` (forward_logits, the last position's letter logits picked on
+        the device, then .cpu(): what score_letters does), ``copy`` (all logits to the CPU, as
+        the paper's code scores), ``forward`` (no copy), ``last`` (logits_to_keep=1)."""
         model, args = self.model, self.args
         model.eval()
         seqs = random_seqs(batch_size, args.min_len, args.max_len, self.vocab, args.seed + 7)
         ids, mask = left_padded(seqs)
         real, padded = int(mask.sum()), mask.numel()
         n_iter = args.eval_steps
+        letter_ids = torch.arange(4) + 32  # any four ids: the cost does not depend on which
 
         @torch.inference_mode()
         def run() -> torch.Tensor:
@@ -514,6 +601,8 @@ class Bench:
                 )
                 return out.logits[:, -1, :].float().cpu()
             logits = forward_logits(model, ids, mask)
+            if mode == "letters":
+                return logits[:, -1, letter_ids.to(logits.device)].cpu()
             if mode == "copy":
                 logits = logits.cpu()
             return logits[:, -1, :]
@@ -562,7 +651,7 @@ class Bench:
         out: dict[str, Any] = {"sweep": dict(s, steps_per_epoch=steps)}
         for side, train_key, eval_key in (
             ("baseline", "baseline_bs4", "bs4_copy"),
-            ("rtteval", "rtteval_bs4", f"bs{self.args.eval_batch}_copy"),
+            ("rtteval", "rtteval_bs4", f"bs{self.args.eval_batch}_letters"),
         ):
             t, e = tr.get(train_key), ev.get(eval_key)
             if t is None:
@@ -688,6 +777,7 @@ class Bench:
         train_m("baseline_bs4", lambda: self.baseline_step_bench(4))
         train_m("rtteval_bs4", lambda: self.rtteval_step_bench(4))
         eval_m(4, "copy")
+        eval_m(args.eval_batch, "letters")
         eval_m(args.eval_batch, "copy")
         eval_m(args.eval_batch, "forward")
         eval_m(args.eval_batch, "last")
@@ -704,6 +794,13 @@ class Bench:
                     key,
                     lambda m=mode, c=ckpt: self.rtteval_step_bench(4, precision=m, checkpointing=c),
                 )
+            if not ckpt:
+                for rank, n in args.lora:
+                    r = self.guarded(
+                        f"LoRA r{rank} x{n}", lambda r=rank, n=n: self.lora_step_bench(r, n)
+                    )
+                    if r is not None:
+                        rec.put("lora", f"r{rank}_x{n}", r)
         if args.compile:
             train_m(
                 "rtteval_bs4_compiled",
@@ -711,7 +808,27 @@ class Bench:
                 need_s=0 if args.smoke else 150,
             )
 
+        for i in range(2, args.repeat + 1):  # run-to-run noise of the headline pair
+            for key, fn in (
+                ("baseline_bs4", lambda: self.baseline_step_bench(4)),
+                ("rtteval_bs4", lambda: self.rtteval_step_bench(4)),
+            ):
+                train_m(f"{key}_repeat{i}", fn)
         tr, ev = rec.data.get("train", {}), rec.data.get("eval", {})
+        if args.repeat > 1:
+            reps = {
+                key: [
+                    tr[k]["tokens_per_s"]
+                    for k in [key] + [f"{key}_repeat{i}" for i in range(2, args.repeat + 1)]
+                    if k in tr
+                ]
+                for key in ("baseline_bs4", "rtteval_bs4")
+            }
+            if all(reps.values()):
+                reps["speedup_median"] = statistics.median(reps["rtteval_bs4"]) / (
+                    statistics.median(reps["baseline_bs4"])
+                )
+            rec.put("repeats_tokens_per_s", None, reps)
         speedup = None
         if "baseline_bs4" in tr and "rtteval_bs4" in tr:
             speedup = tr["rtteval_bs4"]["tokens_per_s"] / tr["baseline_bs4"]["tokens_per_s"]
@@ -764,9 +881,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip measurements after this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the baseline and rtteval bs4 steps this many times in all (noise)",
+    )
+    ap.add_argument(
         "--precisions",
         default=",".join(PRECISIONS),
         help=f"rtteval step under each (default {','.join(PRECISIONS)}; '' for none)",
+    )
+    ap.add_argument(
+        "--lora",
+        default=None,
+        help="LoRA-RTT step at RANKxADAPTERS,... (default 16x1,16x6,16x12,128x1,128x6,128x12; "
+        "smoke 4x1,4x3; '' for none)",
     )
     args = ap.parse_args(argv)
     args.precisions = [p for p in args.precisions.split(",") if p.strip()]
@@ -782,6 +911,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.max_len = args.max_len or (32 if smoke else 128)
     big = args.big_batches if args.big_batches is not None else ("8" if smoke else "16,32")
     args.big_batches = [int(x) for x in big.split(",") if x.strip()]
+    lora = (
+        args.lora
+        if args.lora is not None
+        else ("4x1,4x3" if smoke else "16x1,16x6,16x12,128x1,128x6,128x12")
+    )
+    try:
+        args.lora = [
+            [int(a), int(b)] for a, b in (x.split("x") for x in lora.split(",") if x.strip())
+        ]
+    except ValueError:
+        ap.error(f"--lora wants RANKxADAPTERS,... (e.g. 16x6), not {lora!r}")
     args.out = args.out or default_out()
     return args
 

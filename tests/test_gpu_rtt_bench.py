@@ -33,7 +33,7 @@ def test_gpu_rtt_smoke_writes_every_measurement(tmp_path: Path, capsys) -> None:
         for field in ("step_s_mean", "tokens_per_s", "tflops", "mfu"):
             assert row[field] > 0, (key, field)
         assert 0 < row["padding_efficiency"] <= 1
-    for key in ("bs4_copy", "bs8_copy", "bs8_forward", "bs8_last"):
+    for key in ("bs4_copy", "bs8_letters", "bs8_copy", "bs8_forward", "bs8_last"):
         row = data["eval"][key]
         for field in ("batch_s_mean", "tokens_per_s", "mfu"):
             assert row[field] > 0, (key, field)
@@ -45,6 +45,11 @@ def test_gpu_rtt_smoke_writes_every_measurement(tmp_path: Path, capsys) -> None:
     assert data["train"]["rtteval_bs4_bf16-pure"]["lost_update_warnings"]
     assert not data["train"]["rtteval_bs4_bf16"]["lost_update_warnings"]
     assert not data["train"]["rtteval_bs4_fp32"]["lost_update_warnings"]
+    for key, (rank, n) in {"r4_x1": (4, 1), "r4_x3": (4, 3)}.items():
+        row = data["lora"][key]
+        assert (row["rank"], row["adapters"]) == (rank, n)
+        assert row["step_s_mean"] > 0 and row["tokens_per_s"] > 0
+        assert row["adapter_params_total"] == n * data["lora"]["r4_x1"]["adapter_params_total"]
     est = data["sweep_estimate"]
     assert est["sweep"]["steps_per_epoch"] == 158
     assert est["baseline"]["total_s"] > 0 and est["rtteval"]["total_s"] > 0

@@ -154,7 +154,7 @@ methods:
   - {{name: gd, grid: {{lr: [1.0e-4]}}, fixed: {{max_steps: 2}}}}
 selection: {{retain_threshold: 1.0}}
 attacks:
-  - {{name: lora_rtt, rank: 4, lrs: [1.0e-2], epochs: 1, folds: [split_0]}}
+  - {{name: lora_rtt, rank: 4, lrs: [1.0e-2], epochs: 1, folds: [split_0], eval_every_steps: 1}}
 executor: {{kind: sequential, threads_per_worker: 1}}
 report: {{n_boot: 20, plots: false}}
 """
@@ -172,6 +172,12 @@ def test_lora_rtt_runs_from_a_study_yaml(tmp_path: Path, cli, pretrained_tiny) -
     }
     assert {a["role"] for a in results["attacks"]} == {"original", "control", "unlearned"}
     assert all(a["config"]["lora"]["rank"] == 4 for a in results["attacks"])
+    # V every step: each run's budget curve, and the summary's budget read from it
+    assert all(r["curve"] for a in results["attacks"] for f in a["folds"] for r in f["runs"])
+    assert results["summary"][0]["budget"]["source"] == "steps"
+    # every attack job saved its adapter in peft's format
+    saved = sorted(out.glob("jobs/attack/*/adapters/split_0/lr0.01/adapter_config.json"))
+    assert len(saved) == 3 and json.loads(saved[0].read_text())["r"] == 4
     bad = tmp_path / "bad.yaml"
     bad.write_text(p.read_text().replace("rank: 4", "rank: 0"))
     r = cli("run", bad)

@@ -458,3 +458,44 @@ def rtt_intervals(
         if k in full
     }
     return out
+
+
+def hierarchical_curves(
+    arms: Mapping[str, Arm],
+    *,
+    paired: bool = False,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Resampled accuracy ``[n_boot, G]`` of every role at *every* grid point, none selected.
+
+    The resampling of :func:`hierarchical_bootstrap` (seeds, then folds, then
+    questions and replicates; question draws shared by the roles, seed draws
+    too when ``paired``), for statistics of a whole curve (the budget
+    summaries, :mod:`rtteval.analysis.budget`) rather than of one point.
+    """
+    rng = np.random.default_rng(seed)
+    ref = next(iter(arms.values()))
+    n_reps = max(c.shape[0] for a in arms.values() for c in a.curves)
+    if any(c.shape[0] != n_reps for a in arms.values() for c in a.curves):
+        raise ValueError("every attack must have the same number of replicates")
+    if paired and len({a.n_seeds for a in arms.values()}) != 1:
+        raise ValueError("paired seeds need the same number of seeds in every role")
+
+    def seed_draw(n: int) -> np.ndarray:
+        return rng.integers(0, n, size=(n_boot, n)) if n > 1 else np.zeros((n_boot, 1), int)
+
+    shared_s = seed_draw(ref.n_seeds) if paired else None
+    n_draws = ref.n_seeds if paired else 1
+    draws = [_draw_weights(ref.fold_of, n_reps, n_boot, rng, True) for _ in range(n_draws)]
+    out: dict[str, np.ndarray] = {}
+    for name, arm in arms.items():
+        s_idx = shared_s if shared_s is not None else seed_draw(arm.n_seeds)
+        total = np.zeros((n_boot, arm.curves[0].shape[1]))
+        for j in range(arm.n_seeds):
+            w, r = draws[j if paired else 0]
+            for s in np.unique(s_idx[:, j]):
+                hit = s_idx[:, j] == s
+                total[hit] += _slot_acc(arm.curves[s], arm.fold_of, w[hit], r[hit])
+        out[name] = total / arm.n_seeds
+    return out

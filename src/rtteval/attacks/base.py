@@ -32,8 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from rtteval.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import torch
     from transformers import PreTrainedTokenizerBase
 
@@ -96,9 +94,7 @@ class AttackContext:
     ``folds``: the V splits to measure (None: every forget split);
     ``retain_questions``: evaluated after every setting (None: none);
     ``retain_dataset``: a separate retain dataset, for attacks that train on
-    retain text; ``label`` names the arm in records and progress;
-    ``out_dir``: where the attack may write files of its own (e.g. adapters),
-    the runner's job directory; None (``rtteval attack``): nowhere.
+    retain text; ``label`` names the arm in records and progress.
     """
 
     model: torch.nn.Module
@@ -111,7 +107,6 @@ class AttackContext:
     label: str = "model"
     progress: bool = False
     log: Callable[[str], None] | None = None
-    out_dir: Path | None = None
 
     def scoring_or_default(self) -> ScoringConfig:
         """``scoring``, or the dataset's own (likelihood for a world, letters otherwise)."""

@@ -30,22 +30,31 @@ rank 16, alpha 32), AdamW, as those papers train.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace as dc_replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 from rtteval.attacks.rtt import RTTSpec
-from rtteval.training.loop import Ensemble
+from rtteval.training.grid import LrGrid
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
+    from rtteval.attacks.folds import Fold
     from rtteval.attacks.records import ModelAttack
+    from rtteval.attacks.rtt import RTTConfig
+    from rtteval.data.types import Dataset
+    from rtteval.scoring import ScoringConfig
 
 #: The adapter settings; everything else is RTT's.
-LORA_FIELDS = ("rank", "alpha", "dropout", "target_modules")
+LORA_FIELDS = ("rank", "ranks", "alpha", "dropout", "target_modules")
+#: ``config.grid_axis`` of a rank grid: each run's ``lr`` slot is its point's 1-based position.
+RANK_GRID_AXIS = "rank x lr"
 #: peft's name for "every linear layer but the output head": the attention and MLP projections.
 ALL_LINEAR = "all-linear"
 TINY_DEFAULTS: dict[str, Any] = {"lrs": [1e-3, 3e-3, 1e-2]}
@@ -56,15 +65,18 @@ PAPER_RANK = 128
 class LoraRTTSpec(RTTSpec):
     """LoRA-RTT in a study's ``attacks:``: RTT's fields plus the adapter's (module docstring).
 
-    ``rank`` (default 8; 128 with ``paper: true``), ``alpha`` (default 2 x
-    rank), ``dropout`` (0), ``target_modules`` (module names; default the
-    attention and MLP projections), ``batched`` (the lr grid as one model of
+    ``rank`` (default 8; 128 with ``paper: true``), or ``ranks``: a rank
+    grid, crossed with the lrs (the attacker selects over rank x lr x
+    epoch; each rank's lrs train as one batch, ranks one after another),
+    ``alpha`` (default 2 x rank, per rank), ``dropout`` (0), ``target_modules`` (module names;
+    default the attention and MLP projections), ``batched`` (the lr grid as one model of
     stacked adapters; default: when there are 2+ lrs).  RTT's fields keep RTT's meaning;
     unset ``lrs`` (and with ``paper``, ``optimizer``) take LoRA's defaults.
     """
 
     name: Literal["lora_rtt"] = "lora_rtt"  # type: ignore[assignment]
     rank: int | None = Field(None, ge=1)
+    ranks: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
@@ -75,9 +87,30 @@ class LoraRTTSpec(RTTSpec):
         "LoRA-RTT: LoRA adapters fine-tuned on the other forget splits (T), measure V"
     )
 
+    @field_validator("ranks")
+    @classmethod
+    def _one_rank_setting(cls, ranks: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if ranks is not None and info.data.get("rank") is not None:
+            raise ValueError("give rank or ranks, not both")
+        if ranks is not None and len(set(ranks)) != len(ranks):
+            raise ValueError(f"ranks has duplicates: {ranks}")
+        return ranks
+
     def lora(self) -> dict[str, Any]:
-        """The resolved adapter settings (stored in job keys and results under ``lora``)."""
-        rank = self.rank if self.rank is not None else (PAPER_RANK if self.paper else 8)
+        """The resolved adapter settings (stored in job keys and results under ``lora``).
+
+        A rank grid (``ranks`` with 2+ ranks) stores ``ranks`` and ``alphas``
+        (one per rank) instead of ``rank`` and ``alpha``.
+        """
+        if self.ranks is not None and len(self.ranks) > 1:
+            return {
+                "ranks": list(self.ranks),
+                "alphas": [self.alpha if self.alpha is not None else 2.0 * r for r in self.ranks],
+                "dropout": self.dropout,
+                "target_modules": self.target_modules or ALL_LINEAR,
+            }
+        rank = self.ranks[0] if self.ranks else self.rank
+        rank = rank if rank is not None else (PAPER_RANK if self.paper else 8)
         return {
             "rank": rank,
             "alpha": self.alpha if self.alpha is not None else 2.0 * rank,
@@ -133,12 +166,12 @@ def attach_lora(model: torch.nn.Module, lora: dict[str, Any], seed: int = 0) -> 
         torch.random.set_rng_state(state)
 
 
-class LoraEnsemble(Ensemble):
+class LoraEnsemble(LrGrid):
     """The lr grid as one batched model: one frozen base, G LoRA adapters stacked.
 
     Memory grows with adapters, not with copies of the model: each LoRA
     layer's A and B are stacked ``[G, ...]`` (views of one flat buffer per
-    member, as :class:`rtteval.training.loop.Ensemble`'s, so :func:`rtteval.training.loop.train`
+    member, as :class:`rtteval.training.grid.LrGrid`'s, so :func:`rtteval.training.loop.train`
     optimizes, clips and freezes per member), and a forward hook on the layer
     adds member g's ``B_g A_g x`` to the shared base output with ``bmm``.
     peft's own adapters are switched off while the ensemble lives
@@ -229,6 +262,20 @@ class LoraEnsemble(Ensemble):
             b.copy_(layer.lora_B["default"].weight.expand_as(b))
         self._flat_grad.zero_()
 
+    @torch.no_grad()
+    def load_member_(
+        self, g: int | list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Put member g's adapter (or saved values) into peft's own; returns what was there."""
+        old = []
+        for i, layer in enumerate(self._layers):
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            old.append((a.clone(), b.clone()))
+            new = self._stacked[i] if isinstance(g, int) else g[i]
+            a.copy_(new[0][g] if isinstance(g, int) else new[0])
+            b.copy_(new[1][g] if isinstance(g, int) else new[1])
+        return old
+
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         for p in self._base:  # frozen: no gradient for the base (train() re-enables all)
             p.requires_grad_(False)
@@ -268,11 +315,12 @@ class LoraRTT:
 
     name: ClassVar[str] = "lora_rtt"
     config_type: ClassVar[type[AttackConfig]] = LoraRTTSpec
+    #: ``config["save_adapters"]`` (a directory; the CLI's and the runner's) gets every run's adapter.
+    saves_adapters: ClassVar[bool] = True
 
     def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         """RTT's folds and grid on a LoRA-wrapped ``model``; the adapters are removed afterwards."""
         from rtteval.attacks.folds import build_folds, check_provenance, resolve_loss
-        from rtteval.attacks.relearn import relearn
         from rtteval.attacks.rtt import RTTConfig
 
         model, dataset = ctx.model, ctx.dataset
@@ -283,23 +331,105 @@ class LoraRTT:
         lora = dict(config["lora"])
         scoring = ctx.scoring_or_default()
         fs = build_folds(dataset, cfg)
+        for f in fs:  # before any training, on the very texts trained on
+            check_provenance(f, dataset)
         record = {**cfg.to_dict(), "lora": lora, "folds": [f.v for f in fs]}
         record["loss"] = fs[0].loss if fs else resolve_loss(dataset, cfg)
         if "batched" in config:
             record["batched"] = config["batched"]
+        save = Path(config["save_adapters"]) if config.get("save_adapters") else None
+        # one batch of adapters per rank (stacked adapters need equal shapes), ranks in turn
+        ranks = list(zip(lora["ranks"], lora["alphas"], strict=True)) if "ranks" in lora else [
+            (lora["rank"], lora["alpha"])]  # fmt: skip
+        parts = []
+        for rank, alpha in ranks:
+            one = {**{k: v for k, v in lora.items() if k not in ("ranks", "alphas")},
+                   "rank": rank, "alpha": alpha}  # fmt: skip
+            where = (save / f"rank{rank}") if save is not None and len(ranks) > 1 else save
+            parts.append(self._one_rank(model, ctx.tokenizer, dataset, fs, cfg, scoring, one,
+                                        config, record, where,
+                                        retain_questions=ctx.retain_questions, label=ctx.label,
+                                        progress=ctx.progress, log=ctx.log))  # fmt: skip
+        return parts[0] if len(parts) == 1 else rank_grid(parts, [r for r, _ in ranks], record)
+
+    @staticmethod
+    def _one_rank(
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        dataset: Dataset,
+        fs: Sequence[Fold],
+        cfg: RTTConfig,
+        scoring: ScoringConfig,
+        lora: dict[str, Any],
+        config: dict[str, Any],
+        record: dict[str, Any],
+        save: Path | None,
+        **kw: Any,
+    ) -> ModelAttack:
+        """The lr grid at one rank: one batch of adapters (or lr by lr); adapters removed after."""
+        from rtteval.attacks.relearn import relearn
+
         flags = [p.requires_grad for p in model.parameters()]
         peft_model = attach_lora(model, lora, seed=cfg.seed)
         try:
-            for f in fs:  # right before training, on the very texts trained on
-                check_provenance(f, dataset)
             return relearn(
-                peft_model, ctx.tokenizer, dataset, fs, cfg, scoring, config=record,
-                retain_questions=ctx.retain_questions, label=ctx.label, name="LoRA-RTT",
-                progress=ctx.progress, log=ctx.log, trainable=is_lora_param,
-                make_ensemble=LoraEnsemble.factory(config.get("batched")),
+                peft_model, tokenizer, dataset, fs, cfg, scoring, config=record, name="LoRA-RTT",
+                trainable=is_lora_param, make_ensemble=LoraEnsemble.factory(config.get("batched")),
                 batched=config.get("batched"),
+                after_run=None if save is None else adapter_saver(peft_model, save), **kw,
             )  # fmt: skip
         finally:
             peft_model.unload()  # puts the original layers back into ``model``
             for p, flag in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
+
+
+def rank_grid(
+    parts: Sequence[ModelAttack], ranks: Sequence[int], record: dict[str, Any]
+) -> ModelAttack:
+    """One record of a rank x lr grid: each run's ``lr`` slot is its point's 1-based position.
+
+    The records are keyed by lr (selection, the report, the budget curves all
+    read ``lrs``), so a grid over two settings takes the form the attacks that
+    do not train use (``config.grid_axis``, :data:`RANK_GRID_AXIS`):
+    ``config.grid`` lists the ``{"rank", "lr"}`` of every position, rank by
+    rank, so ties in selection go to the smaller rank, then the smaller lr.
+    """
+    grid = [{"rank": r, "lr": lr} for r in ranks for lr in record["lrs"]]
+    pos = {(r, float(lr)): i + 1.0 for i, (r, lr) in enumerate((g["rank"], g["lr"]) for g in grid)}
+    folds = []
+    for fi, f in enumerate(parts[0].folds):
+        runs = [
+            dc_replace(run, lr=pos[r, run.lr]) for r, part in zip(ranks, parts, strict=True)
+            for run in part.folds[fi].runs
+        ]  # fmt: skip
+        folds.append(dc_replace(f, runs=runs))
+    config = {**record, "grid_axis": RANK_GRID_AXIS, "grid": grid, "lrs": sorted(pos.values())}
+    return dc_replace(parts[0], config=config, folds=folds,
+                      wall_time=sum(p.wall_time for p in parts))  # fmt: skip
+
+
+def adapter_saver(
+    peft_model: PeftModel, root: Path
+) -> Callable[[Fold, float, int, torch.nn.Module, int | None], None]:
+    """For :func:`relearn`'s ``after_run``: save each run's trained adapter in peft's format.
+
+    ``root/<V>/lr<lr>[_rep<k>]`` holds ``adapter_config.json`` and the
+    weights, so ``PeftModel.from_pretrained(base, dir)`` gives the attacked
+    model after the run's last epoch.  A batched run's member is copied into
+    peft's adapter for the save, which then gets its initial values back.
+    """
+
+    def save(fold: Fold, lr: float, rep: int, trained: torch.nn.Module, g: int | None) -> None:
+        where = root / fold.v / (f"lr{lr:g}" + (f"_rep{rep}" if rep else ""))
+        if g is None:
+            peft_model.save_pretrained(where)
+            return
+        assert isinstance(trained, LoraEnsemble)
+        init = trained.load_member_(g)
+        try:
+            peft_model.save_pretrained(where)
+        finally:
+            trained.load_member_(init)
+
+    return save

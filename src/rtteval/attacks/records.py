@@ -65,6 +65,30 @@ class EpochEval:
 
 
 @dataclass
+class StepEval:
+    """V after ``step`` optimizer steps (``tokens`` trained on): one point of a budget curve.
+
+    Recorded every ``eval_every_steps`` steps and at every epoch's end when
+    that setting is on, so recovery can be read against the attacker's budget.
+    """
+
+    step: int
+    tokens: int
+    v_acc: float
+    v_correct: list[bool]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "v_acc": self.v_acc,
+                "v_correct": _bits(self.v_correct)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepEval:
+        return cls(
+            int(d["step"]), int(d["tokens"]), float(d["v_acc"]), _unbits(d["v_correct"]) or []
+        )
+
+
+@dataclass
 class RunResult:
     """One (fold, learning rate, replicate) fine-tuning run: its curve, epoch 1 onwards."""
 
@@ -75,9 +99,11 @@ class RunResult:
     wall_time: float = 0.0
     message: str = ""
     replicate: int = 0
+    #: The budget curve (``eval_every_steps``); empty when V was evaluated per epoch only.
+    curve: list[StepEval] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "lr": self.lr,
             "replicate": self.replicate,
             "status": self.status,
@@ -86,6 +112,9 @@ class RunResult:
             "message": self.message,
             "epochs": [e.to_dict() for e in self.epochs],
         }
+        if self.curve:  # absent without eval_every_steps: results stay as they were
+            d["curve"] = [c.to_dict() for c in self.curve]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
@@ -97,6 +126,7 @@ class RunResult:
             wall_time=float(d.get("wall_time", 0.0)),
             message=d.get("message", ""),
             replicate=int(d.get("replicate", 0)),
+            curve=[StepEval.from_dict(c) for c in d.get("curve") or []],
         )
 
 

@@ -5,9 +5,10 @@ items: T's facts for RTT, retain text for retain-only relearning); this
 module decides *how*: for each fold and learning rate, the model's initial
 weights are restored from an in-memory snapshot, it is fine-tuned with
 :func:`rtteval.training.loop.train`, and V (the fold's held-out slice, and per
-``retain_eval`` the retain questions) is evaluated after every epoch.  The
-caller gets its model back unchanged, and the records of
-:mod:`rtteval.attacks.records`.
+``retain_eval`` the retain questions) is evaluated after every epoch, and
+with ``eval_every_steps`` V also every k optimizer steps (the budget curve,
+:class:`~rtteval.attacks.records.StepEval`).  The caller gets its model back
+unchanged, and the records of :mod:`rtteval.attacks.records`.
 """
 
 from __future__ import annotations
@@ -19,26 +20,33 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
+from rtteval.attacks.base import AttackConfig
 from rtteval.attacks.folds import Fold, TrainItem, question_id
-from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult
+from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult, StepEval
 from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError
 from rtteval.models import restore_state, snapshot_state
 from rtteval.scoring import ScoringConfig, check_context, continuation_ids, evaluate_mcq
-from rtteval.training.loop import (
-    Ensemble,
-    TrainConfig,
-    TrainResult,
-    cast_for_precision,
-    cast_parameters,
-    encode_texts,
-    ensemble_unsupported,
-    lm_loss_fn,
-    make_batches,
-    train,
-)
+from rtteval.training.batching import count_tokens, encode_texts, make_batches
+from rtteval.training.config import TrainConfig
+from rtteval.training.grid import LrGrid, grid_unsupported
+from rtteval.training.loop import TrainResult, train
+from rtteval.training.losses import lm_loss_fn
+from rtteval.training.precision import cast_for_precision, cast_parameters
+
+
+class RelearnSpec(AttackConfig):
+    """The settings every fine-tuning attack (RTT, LoRA-RTT, retain-only) declares once, here.
+
+    ``eval_every_steps``: also evaluate V every k optimizer steps, for the
+    budget curves (docs/attacks.md); ``None`` (default): per epoch only, as
+    the paper, so the default costs nothing extra.
+    """
+
+    eval_every_steps: int | None = Field(None, ge=1)
 
 
 class RelearnSettings(Protocol):
@@ -55,6 +63,7 @@ class RelearnSettings(Protocol):
     seed: int
     precision: str
     replicates: int
+    eval_every_steps: int | None
 
 
 def scoring_to_dict(scoring: ScoringConfig) -> dict[str, Any]:
@@ -132,9 +141,9 @@ def _acc(xs: Sequence[bool] | None) -> float | None:
     return (sum(xs) / len(xs)) if xs else None
 
 
-def _ensemble_for(
+def _grid_for(
     model: torch.nn.Module, lrs: Sequence[float], batched: bool | None, name: str = "RTT"
-) -> Ensemble | None:
+) -> LrGrid | None:
     """The lr grid as one batched model, or None to train the lrs one by one.
 
     Automatic (``batched=None``): batched when there are several lrs, every
@@ -143,7 +152,7 @@ def _ensemble_for(
     """
     if batched is False or (batched is None and len(lrs) < 2):
         return None
-    reason = ensemble_unsupported(model)
+    reason = grid_unsupported(model)
     device = next(model.parameters()).device
     if reason is None and batched is None and device.type == "cuda":
         need = 5 * len(lrs) * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -153,14 +162,32 @@ def _ensemble_for(
         if batched:
             raise ConfigError(f"batched {name} impossible: {reason}")
         return None
-    return Ensemble(model, lrs)
+    return LrGrid(model, lrs)
 
 
-def _run_result(lr: float, res: TrainResult, steps_per_epoch: int, rep: int = 0) -> RunResult:
-    """One run's curve: an :class:`EpochEval` per evaluated epoch, with its mean training loss."""
-    epochs = []
-    for row in res.history:
-        ep = int(row["epoch"])
+def _run_result(
+    lr: float,
+    res: TrainResult,
+    steps_per_epoch: int,
+    rep: int = 0,
+    tokens_at: Callable[[int], int] | None = None,
+) -> RunResult:
+    """One run's curve: an :class:`EpochEval` per evaluated epoch, with its mean training loss.
+
+    Evaluations at an epoch's last step are that epoch's; with
+    ``tokens_at`` (``eval_every_steps`` on) every evaluation is also a
+    :class:`StepEval` of the budget curve.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in res.history:  # an epoch's end may be evaluated twice: the same model, one row
+        by_step[int(row["step"])] = row
+    epochs, curve = [], []
+    for step, row in sorted(by_step.items()):
+        if tokens_at is not None:
+            curve.append(StepEval(step, tokens_at(step), float(row["v_acc"]), list(row["_v"])))
+        if step == 0 or step % steps_per_epoch:
+            continue
+        ep = step // steps_per_epoch
         ls = res.losses[(ep - 1) * steps_per_epoch : ep * steps_per_epoch]
         epochs.append(
             EpochEval(
@@ -173,7 +200,27 @@ def _run_result(lr: float, res: TrainResult, steps_per_epoch: int, rep: int = 0)
                 float(np.mean(ls)) if ls else None,
             )
         )
-    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message, rep)
+    return RunResult(lr, res.status, epochs, res.steps, res.wall_time, res.message, rep, curve)
+
+
+def _token_counter(batches: Callable[[int], Sequence[Any]], spe: int) -> Callable[[int], int]:
+    """Tokens trained on after ``step`` steps (the epochs' batches, as :func:`train` counts them)."""
+    per_epoch: dict[int, list[int]] = {}
+
+    def tokens_at(step: int) -> int:
+        total, ep = 0, 0
+        while step > 0:
+            if ep not in per_epoch:
+                per_epoch[ep] = [count_tokens(b) for b in batches(ep)]
+            take = per_epoch[ep][: min(step, spe)]
+            if not take:
+                break
+            total += sum(take)
+            step -= len(take)
+            ep += 1
+        return total
+
+    return tokens_at
 
 
 def relearn(
@@ -192,7 +239,8 @@ def relearn(
     log: Callable[[str], None] | None = None,
     batched: bool | None = None,
     trainable: Callable[[str], bool] | None = None,
-    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], Ensemble | None] | None = None,
+    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], LrGrid | None] | None = None,
+    after_run: Callable[[Fold, float, int, torch.nn.Module, int | None], None] | None = None,
 ) -> ModelAttack:
     """Fine-tune ``model`` on each fold's items for every lr in ``cfg.lrs``; the model is returned unchanged.
 
@@ -207,14 +255,17 @@ def relearn(
     caller's to check, immediately before calling this.
 
     ``batched`` trains a fold's learning rates together as one
-    :class:`rtteval.training.loop.Ensemble` (same numbers, up to float rounding; the
+    :class:`rtteval.training.grid.LrGrid` (same numbers, up to float rounding; the
     runs then share one ``wall_time``): ``None`` decides automatically (see
-    :func:`_ensemble_for`), ``False`` runs them one by one, ``True`` insists.
+    :func:`_grid_for`), ``False`` runs them one by one, ``True`` insists.
     ``config`` is stored as the record's config; ``name`` labels progress.
     ``trainable(name)`` picks the parameters to update (LoRA-RTT: the
     adapters only); the learning rates then run one by one unless
     ``make_ensemble(model, lrs)`` builds the batched model for them
     (LoRA-RTT's stacked adapters; its ``close()`` runs at the end; None: one by one).
+    ``after_run(fold, lr, replicate, trained, g)`` sees every run's trained
+    model once its last epoch is evaluated (LoRA-RTT saves the adapters):
+    ``trained`` is the model itself, or the ensemble with ``g`` its member.
     """
     retain_q = list(retain_questions or [])
     say = log or (lambda _msg: None)
@@ -229,7 +280,7 @@ def relearn(
     elif trainable is not None and batched:
         raise ConfigError(f"batched {name} impossible: it trains a subset of the parameters")
     else:
-        ensemble = None if trainable is not None else _ensemble_for(model, cfg.lrs, batched, name)
+        ensemble = None if trainable is not None else _grid_for(model, cfg.lrs, batched, name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fold_results: list[FoldAttack] = []
     warned: set[str] = set()
@@ -273,21 +324,41 @@ def relearn(
 
                 return epoch_batches
 
-            n_evals: dict[int, int] = {}  # per evaluated model, for retain_eval="end"
+            every = getattr(cfg, "eval_every_steps", None)
+            # the optimizer step the model is at (counted by the loss), and this run's epoch
+            # length: an evaluation at an epoch's end is the full one (V, held-out, retain),
+            # one in between V only; the loop may ask twice at an epoch's end (same answer)
+            clock: dict[str, Any] = {"step": 0, "spe": 1, "memo": {}}
 
-            def evaluate(m: torch.nn.Module, _ev=ev, _n=n_evals):
-                _n[id(m)] = _n.get(id(m), 0) + 1
-                with_retain = cfg.retain_eval == "epoch" or (
-                    cfg.retain_eval == "end" and _n[id(m)] == cfg.epochs
-                )
-                res = _ev(m, ["v", "h", "r"] if with_retain else ["v", "h"])
-                return {
+            def counted_loss(m: torch.nn.Module, batch: Any, _c=clock):
+                _c["step"] += 1
+                return lm_loss_fn(m, batch)
+
+            def evaluate(m: torch.nn.Module, _ev=ev, _c=clock):
+                step, spe = _c["step"], _c["spe"]
+                if (id(m), step) in _c["memo"]:
+                    return _c["memo"][id(m), step]
+                if step % spe:
+                    names = ["v"]
+                else:
+                    at_end = step == cfg.epochs * spe
+                    with_retain = cfg.retain_eval == "epoch" or (
+                        cfg.retain_eval == "end" and at_end
+                    )
+                    names = ["v", "h", "r"] if with_retain else ["v", "h"]
+                res = _ev(m, names)
+                row = {
                     "v_acc": _acc(res["v"]),
                     "holdout_acc": _acc(res.get("h")),
                     "retain_acc": _acc(res.get("r")),
                     "_v": res["v"],
                     "_h": res.get("h"),
                 }
+                _c["memo"][id(m), step] = row
+                return row
+
+            def start_run(spe: int, _c=clock) -> None:
+                _c.update(step=0, spe=spe, memo={})
 
             tcfg = TrainConfig(
                 lr=cfg.lrs[0],
@@ -299,6 +370,7 @@ def relearn(
                 grad_clip=cfg.grad_clip,
                 seed=cfg.seed,
                 eval_every_epochs=1,
+                eval_every_steps=every,
                 precision=cfg.precision,
             )
             runs = []
@@ -308,37 +380,44 @@ def relearn(
                 batches = replicate_batches(rep)
                 what = f"{name} {label} V={fold.v}" + (f" r{rep}" if cfg.replicates > 1 else "")
                 rcfg = replace(tcfg, seed=cfg.seed + rep * 7_919_993)
-                n_evals.clear()
+                spe = max(1, len(batches(0)))
+                tokens_at = _token_counter(batches, spe) if every else None
+                start_run(spe)
                 if ensemble is not None:  # every lr at once; the model stays at the snapshot
                     ensemble.reset_(model)
                     bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
                     results = train(
                         ensemble,
                         batches,
-                        lm_loss_fn,
+                        counted_loss,
                         rcfg,
                         evaluate=evaluate,
                         progress=bar if progress else None,
                     )
+                    for g, lr in enumerate(cfg.lrs):
+                        if after_run is not None:
+                            after_run(fold, lr, rep, ensemble, g)
                 else:
                     results = []
                     for lr in cfg.lrs:
                         restore_state(model, snapshot)
-                        n_evals.clear()
+                        start_run(spe)
                         results.append(
                             train(
                                 model,
                                 batches,
-                                lm_loss_fn,
+                                counted_loss,
                                 replace(rcfg, lr=lr),
                                 evaluate=evaluate,
                                 trainable=trainable,
                                 progress=f"{what} lr={lr:g}" if progress else None,
                             )
                         )
+                        if after_run is not None:
+                            after_run(fold, lr, rep, model, None)
                 for lr, res in zip(cfg.lrs, results, strict=True):
                     warned.update(res.warnings)
-                    runs.append(_run_result(lr, res, max(1, len(batches(0))), rep))
+                    runs.append(_run_result(lr, res, spe, rep, tokens_at))
                     curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
                     say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
             fold_results.append(

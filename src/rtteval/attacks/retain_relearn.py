@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
+from rtteval.attacks.relearn import RelearnSpec
 
 if TYPE_CHECKING:
     from rtteval.attacks.folds import Fold
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 RETAIN = "retain"
 
 
-class RetainRelearnConfig(AttackConfig):
+class RetainRelearnConfig(RelearnSpec):
     """Retain-only relearning in a study's ``attacks:``: the fine-tuning grid, as RTT's.
 
     ``max_texts`` caps the retain texts (a seeded sample; ``None``: all), e.g.
@@ -58,6 +59,12 @@ class RetainRelearnConfig(AttackConfig):
     replicates: int = Field(1, ge=1)
 
     title: ClassVar[str] = "retain-only relearning: fine-tune on retain text only, measure V"
+
+    def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
+        d = super().resolved(seed, train_splits)
+        if d.get("eval_every_steps") is None:  # absent by default: job keys do not move
+            d.pop("eval_every_steps", None)
+        return d
 
 
 def retain_folds(

@@ -44,12 +44,12 @@ from rtteval.attacks.folds import (
     resolve_loss,
 )
 from rtteval.attacks.records import ModelAttack
-from rtteval.attacks.relearn import relearn
-from rtteval.config.study import LocatedError
+from rtteval.attacks.relearn import RelearnSpec, relearn
+from rtteval.config.study import LocatedError, Precision
 from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError, UserError
 from rtteval.scoring import ScoringConfig
-from rtteval.training.loop import Precision, check_precision
+from rtteval.training.precision import check_precision
 
 __all__ = ["RTT", "RTTConfig", "RTTSpec", "attack_model"]
 
@@ -86,6 +86,9 @@ class RTTConfig:
       so the CIs cover RTT's training noise; curves are averaged over them
       for selection and kept apart in the results.  Left out of
       :meth:`to_dict` at 1, so existing results and job keys stay the same.
+    * ``eval_every_steps``: also evaluate V every k optimizer steps (the
+      budget curves, :class:`rtteval.attacks.relearn.RelearnSpec`); left out
+      of :meth:`to_dict` when ``None``, as ``replicates`` at 1.
     """
 
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
@@ -104,6 +107,7 @@ class RTTConfig:
     seed: int = 0
     precision: Precision = "auto"
     replicates: int = 1
+    eval_every_steps: int | None = None
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
@@ -161,12 +165,16 @@ class RTTConfig:
         check_precision(self.precision)
         if self.replicates < 1:
             raise ConfigError("replicates must be >= 1", field="replicates")
+        if self.eval_every_steps is not None and self.eval_every_steps < 1:
+            raise ConfigError("eval_every_steps must be >= 1 (or None)", field="eval_every_steps")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.replicates == 1:
             del d["replicates"]
+        if self.eval_every_steps is None:
+            del d["eval_every_steps"]
         return d
 
     @classmethod
@@ -175,7 +183,7 @@ class RTTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class RTTSpec(AttackConfig):
+class RTTSpec(RelearnSpec):
     """RTT in a study's ``attacks:``; unset fields take :class:`RTTConfig`'s defaults.
 
     ``paper: true`` starts from the paper's 8B setting (``RTTConfig.paper()``,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +27,7 @@ from rtteval.errors import ConfigError, UserError
 from rtteval.outputs import OVERWRITE_HELP, ResumableOutput
 
 _REPORT_FILES = ("results.json", "results.csv", "results_folds.csv", "report.md")
-_ATTACK_ENTRIES = ("attacks", *_REPORT_FILES, "fig_recovery.png", "fig_rtt_curves.png")
+_ATTACK_ENTRIES = ("attacks", "adapters", *_REPORT_FILES, "fig_recovery.png", "fig_rtt_curves.png")
 """What ``attack`` writes into OUT: a user's file of one of these names is never replaced."""
 
 console = Console(stderr=True, markup=False, highlight=False)
@@ -55,6 +57,15 @@ def _ints(text: str | None, name: str) -> list[int] | None:
         raise ConfigError(
             f"expected a comma-separated list of whole numbers, got {text!r}", file=f"--{name}"
         ) from None
+    if not vals:
+        raise ConfigError("empty list", file=f"--{name}")
+    return vals
+
+
+def _names(text: str | None, name: str) -> list[str] | None:
+    if text is None:
+        return None
+    vals = [x.strip() for x in text.split(",") if x.strip()]
     if not vals:
         raise ConfigError("empty list", file=f"--{name}")
     return vals
@@ -123,6 +134,38 @@ def attack_cmd(
         int | None,
         typer.Option(help="quantize: inputs per scale of the *-group schemes", parser=COUNT),
     ] = None,
+    eval_every_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="rtt, lora_rtt, retain_relearn: also evaluate V every k optimizer steps "
+            "(budget curves)",
+            parser=COUNT,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="lora_rtt: the adapters' rank (default 8)", parser=COUNT)
+    ] = None,
+    ranks: Annotated[
+        str | None,
+        typer.Option(help="lora_rtt: comma-separated rank grid, crossed with --lrs"),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(help="lora_rtt: LoRA's alpha (default 2 x rank)", parser=POSITIVE),
+    ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            help="lora_rtt: dropout on the adapters' input (0: none, the default)",
+            parser=Number(float, ge=0, lt=1),
+        ),
+    ] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option(
+            help="lora_rtt: comma-separated module names (default: attention and MLP projections)"
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(parser=SEED)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     precision: Annotated[
@@ -159,7 +202,7 @@ def attack_cmd(
     from rtteval.models import load_model
     from rtteval.models.loading import check_model_files
     from rtteval.stages.pretrain import retain_eval_name, scoring_for
-    from rtteval.training.loop import check_precision
+    from rtteval.training.precision import check_precision
 
     check_device_option(device)
     if threads:
@@ -169,6 +212,7 @@ def attack_cmd(
             f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", file="--attack"
         )
     runner = get_attack(attack)
+    saves = getattr(runner, "saves_adapters", False)
     given: dict[str, Any] = {
         "paper": paper or None,
         "lrs": _floats(lrs, "lrs"),
@@ -182,8 +226,16 @@ def attack_cmd(
         "schemes": [x.strip() for x in schemes.split(",") if x.strip()] if schemes else None,
         "group_size": group_size,
         "precision": precision,
+        "eval_every_steps": eval_every_steps,
+        "rank": rank,
+        "ranks": _ints(ranks, "ranks"),
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": _names(target_modules, "target-modules"),
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if rank is not None and ranks is not None:
+        raise ConfigError("give --rank or --ranks, not both", file="--ranks")
     if precision is not None:
         check_precision(precision)  # names the known precisions
     own = runner.config_type.model_fields
@@ -224,7 +276,8 @@ def attack_cmd(
         jobs.insert(1, ("control", control, "control"))
     for _role, path, _lab in jobs:  # a bad weights file fails before any output exists
         check_model_files(path)
-    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=_ATTACK_ENTRIES)
+    names = (*_ATTACK_ENTRIES, f"fig_budget_{attack}.png")
+    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=names)
     resume = resume and not overwrite
     attacks: dict[str, ModelAttack] = {}
     for role, path, lab in jobs:
@@ -249,6 +302,8 @@ def attack_cmd(
                 pass
         console.print(f"{role}: loading {path}")
         m, tok = load_model(path, device=device)
+        # LoRA-RTT's adapters go to OUT/adapters/<role> once the attack is done (peft's format)
+        staged = Path(tempfile.mkdtemp(prefix="rtteval-adapters-")) if saves else None
         try:
             ctx = AttackContext(
                 m,
@@ -261,7 +316,11 @@ def attack_cmd(
                 progress=True,
                 log=lambda s: console.print(f"  {s}"),
             )
-            a = runner.run(settings, ctx)
+            a = runner.run({**settings, "save_adapters": str(staged)} if staged else settings, ctx)
+        except BaseException:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            raise
         finally:
             del m
             gc.collect()
@@ -271,6 +330,12 @@ def attack_cmd(
         a.meta["role"] = role
         target.open()
         target.add("attacks")
+        if staged is not None:
+            target.add("adapters")
+            dest = out / "adapters" / role
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(staged, dest)
         write_json_atomic(cache, {"key": key, "attack": a.to_dict()})
         console.print(f"{role}: done in {a.wall_time:.1f} s")
         attacks[role] = a

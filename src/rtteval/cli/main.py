@@ -152,7 +152,7 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
-    from rtteval.stages.pretrain import FinetuneConfig, finetune_forget_facts
+    from rtteval.stages.finetune import FinetuneConfig, finetune_forget_facts
 
     cfg = FinetuneConfig(
         lr=lr, max_epochs=max_epochs, replay_ratio=replay_ratio, target_accuracy=target, seed=seed

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-#: Training precision of every stage (:data:`rtteval.training.loop.PRECISIONS`, docs/performance.md).
+#: Training precision of every stage (:data:`rtteval.training.precision.PRECISIONS`, docs/performance.md).
 Precision = Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"]
 
 
@@ -233,7 +233,7 @@ class DatasetSpec(_Strict):
 class FinetuneSpec(_Strict):
     """Fine-tune-first stage (``datasets[].finetune_first``): LM loss on the dataset's facts.
 
-    Unset fields take :class:`rtteval.stages.pretrain.FinetuneConfig`'s defaults for
+    Unset fields take :class:`rtteval.stages.finetune.FinetuneConfig`'s defaults for
     the model kind: the tiny-model defaults with ``model.tiny``,
     ``FinetuneConfig.paper()`` (the paper's Random Birthdays fine-tuning)
     with ``model.hf``.  ``grad_clip: null`` written out turns clipping off.
@@ -253,7 +253,7 @@ class FinetuneSpec(_Strict):
         """The full FinetuneConfig (minus seed) as a dict: what the job runs, and its key."""
         from dataclasses import asdict
 
-        from rtteval.stages.pretrain import FinetuneConfig
+        from rtteval.stages.finetune import FinetuneConfig
 
         base = FinetuneConfig() if tiny else FinetuneConfig.paper()
         for k, v in self.model_dump().items():

@@ -5,7 +5,7 @@ hyperparameters per model scale, a default sweep grid, and :meth:`Method.build`,
 which returns ``(loss_fn, trainable)`` for :func:`rtteval.training.loop.train`.  The
 unlearning loop (:mod:`rtteval.stages.unlearn`) hands every ``loss_fn`` a batch
 ``{"forget": ..., "retain": ...}`` of padded token batches (see
-:func:`rtteval.training.loop.pad_batch`), so a method never sees data loading,
+:func:`rtteval.training.batching.pad_batch`), so a method never sees data loading,
 optimizers or evaluation.
 """
 
@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerBase
 from rtteval.config.study import Precision
 from rtteval.data import Dataset
 from rtteval.errors import ConfigError
-from rtteval.training.loop import Batch, LossFn, batch_logits, nll_loss
+from rtteval.training.batching import Batch
+from rtteval.training.losses import LossFn, batch_logits, nll_loss
 
 Trainable = Callable[[str], bool] | None
 
@@ -218,10 +219,6 @@ class Method:
 # --------------------------------------------------------------------------- forward helpers
 
 
-#: Logits of a right-padded batch, with mask-derived position ids (the loop's own helper).
-forward_logits = batch_logits
-
-
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer blocks of a HF causal LM (Llama/Mistral/Qwen: ``model.model.layers``)."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -256,7 +253,7 @@ def layer_activations(model: torch.nn.Module, batch: Batch, layer: int) -> torch
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        forward_logits(model, batch)
+        batch_logits(model, batch)
     except _StopForward:
         pass
     finally:

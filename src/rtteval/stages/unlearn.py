@@ -39,6 +39,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rtteval.atomic import write_json_atomic
+from rtteval.config.study import Precision
 from rtteval.data import MCQ, Dataset, load_dataset
 from rtteval.errors import ConfigError
 from rtteval.methods import get_method
@@ -54,16 +55,10 @@ from rtteval.models import restore_state, snapshot_state
 from rtteval.models.loading import write_model_files
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.stages.pretrain import scoring_for
-from rtteval.training.loop import (
-    Batch,
-    Precision,
-    TrainConfig,
-    cast_for_precision,
-    check_precision,
-    encode_texts,
-    make_batches,
-    train,
-)
+from rtteval.training.batching import Batch, encode_texts, make_batches
+from rtteval.training.config import TrainConfig
+from rtteval.training.loop import DivergenceHook, train
+from rtteval.training.precision import cast_for_precision, check_precision
 
 #: UnlearnConfig fields that a method's per-scale defaults fill when left as None.
 TRAIN_DEFAULT_KEYS = (
@@ -387,6 +382,49 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
+def _train_config(rcfg: UnlearnConfig, *, eval_at_start: bool) -> TrainConfig:
+    """The loop's settings for a resolved unlearning config (method defaults filled in)."""
+    return TrainConfig(
+        lr=float(rcfg.lr),
+        epochs=int(rcfg.epochs or 1),
+        max_steps=rcfg.max_steps,
+        optimizer=rcfg.optimizer or "adamw",
+        adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
+        betas=rcfg.adam_betas or TrainConfig.betas,
+        weight_decay=rcfg.weight_decay,
+        warmup_steps=rcfg.warmup_steps or 0,
+        schedule=rcfg.schedule,
+        grad_clip=None if rcfg.grad_clip == "auto" else rcfg.grad_clip,
+        seed=rcfg.seed,
+        eval_every_steps=rcfg.eval_every_steps,
+        eval_every_epochs=None,
+        eval_at_start=eval_at_start,
+        precision=rcfg.precision,
+    )
+
+
+def _exploding_loss(rcfg: UnlearnConfig) -> DivergenceHook:
+    """The loop's divergence hook for one run: |loss| above ``max_loss_ratio`` x the first
+    |loss| (at least 100), or above ``max_loss``, ends it as diverged with this reason."""
+    first: list[float] = []
+
+    def diverged(value: float) -> str | None:
+        if not first:
+            first.append(max(abs(value), 100.0))
+        limit = rcfg.max_loss_ratio * first[0]
+        if rcfg.max_loss is not None:
+            limit = min(limit, rcfg.max_loss)
+        if abs(value) <= limit:
+            return None
+        return (
+            f"|loss| {value:.4g} exceeded {limit:.4g} "
+            f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first[0]:.4g}"
+            + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
+        )
+
+    return diverged
+
+
 def unlearn(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -423,48 +461,17 @@ def unlearn(
     loss_fn, trainable = method.build(ctx)
     trainable = combine_filters(trainable, frozen_filter(rcfg.frozen), only_filter(rcfg.train_only))
 
-    state: dict[str, Any] = {"logs": {}, "note": ""}
+    state: dict[str, Any] = {"logs": {}}
 
-    def guarded(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def logged(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         loss, logs = loss_fn(m, batch)
         state["logs"] = logs
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return loss, logs  # train() records a non-finite loss as divergence
-        first = state.setdefault("first_loss", max(abs(value), 100.0))
-        limit = rcfg.max_loss_ratio * first
-        if rcfg.max_loss is not None:
-            limit = min(limit, rcfg.max_loss)
-        if abs(value) > limit:
-            state["note"] = (
-                f"|loss| {value:.4g} exceeded {limit:.4g} "
-                f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first:.4g}"
-                + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
-            )
-            return loss * math.inf, logs
         return loss, logs
 
     def stop(row: dict[str, Any]) -> bool:
         target = rcfg.target_forget_acc
         return target is not None and row["forget_acc"] <= target
 
-    tcfg = TrainConfig(
-        lr=float(rcfg.lr),
-        epochs=int(rcfg.epochs or 1),
-        max_steps=rcfg.max_steps,
-        optimizer=rcfg.optimizer or "adamw",
-        adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
-        betas=rcfg.adam_betas or TrainConfig.betas,
-        weight_decay=rcfg.weight_decay,
-        warmup_steps=rcfg.warmup_steps or 0,
-        schedule=rcfg.schedule,
-        grad_clip=None if rcfg.grad_clip == "auto" else rcfg.grad_clip,
-        seed=rcfg.seed,
-        eval_every_steps=rcfg.eval_every_steps,
-        eval_every_epochs=None,
-        eval_at_start=before is None,
-        precision=rcfg.precision,
-    )
     if before is not None and stop(before):
         return UnlearnResult(
             method=method.name,
@@ -487,12 +494,13 @@ def unlearn(
     result = train(
         model,
         batches,
-        guarded,
-        tcfg,
+        logged,
+        _train_config(rcfg, eval_at_start=before is None),
         evaluate=lambda m: evaluate_unlearning(m, tokenizer, prep),
         stop=stop,
         trainable=trainable,
         progress=f"unlearn {method.name}" if progress else None,
+        diverged=_exploding_loss(rcfg),
     )
     history = list(result.history)
     if before is None:
@@ -504,7 +512,6 @@ def unlearn(
     else:
         after = evaluate_unlearning(model, tokenizer, prep)
         history.append({"step": result.steps, "epoch": result.epochs_run, **after})
-    message = state["note"] or result.message
     return UnlearnResult(
         method=method.name,
         status=result.status,
@@ -515,7 +522,7 @@ def unlearn(
         steps=result.steps,
         epochs_run=result.epochs_run,
         wall_time=time.perf_counter() - t0,
-        message=message,
+        message=result.message,
         final_logs=state["logs"],
         forget_source=prep.forget_source,
         retain_source=prep.retain.source,
