@@ -124,6 +124,12 @@ class HFModel(ModelRef):
     control: ModelRef | None = None
 
 
+class UnlearnedModel(ModelRef):
+    """A model unlearned elsewhere, attacked as it is (``rtteval attack --model``), under ``label``."""
+
+    label: str
+
+
 class ModelSpec(_Strict):
     """Exactly one of ``tiny`` (pretrain on a world) or ``hf`` (load a model)."""
 
@@ -454,7 +460,9 @@ class StudyConfig(_Strict):
     gradient_checkpointing: bool = False
     model: ModelSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
-    methods: list[MethodSpec] = Field(min_length=1)
+    methods: list[MethodSpec] = []
+    #: Models unlearned outside the study, attacked beside the methods' selected models.
+    unlearned: list[UnlearnedModel] = []
     selection: SelectionSpec = SelectionSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     #: Each an :class:`rtteval.attacks.AttackConfig` of the attack named (RTT by default).
@@ -511,13 +519,20 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
-        labels = [m.display for m in self.methods]
+        if not self.methods and not self.unlearned:
+            raise LocatedError(
+                ("methods",),
+                "give at least one method (or 'unlearned' models to attack as they are)",
+            )
+        labels = [m.display for m in self.methods] + [u.label for u in self.unlearned]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             i = max(i for i, x in enumerate(labels) if x in dup)
-            raise LocatedError(
-                ("methods", i), f"two entries named {dup[0]!r}; give them distinct 'label's"
-            )
+            loc = ("methods", i) if i < len(self.methods) else ("unlearned", i - len(self.methods))
+            raise LocatedError(loc, f"two entries named {dup[0]!r}; give them distinct 'label's")
+        for i, u in enumerate(self.unlearned):
+            if u.label in ("original", "control"):
+                raise LocatedError(("unlearned", i, "label"), f"{u.label!r} names another arm")
         dlabels = [d.label for d in self.datasets]
         ddup = sorted({x for x in dlabels if dlabels.count(x) > 1})
         if ddup:
@@ -828,6 +843,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path, overridden: dict[Loc, str]) 
         ctl = hf.get("control")
         if isinstance(ctl, dict) and "path" in ctl:
             fix(ctl, "path", ("model", "hf", "control", "path"))
+    for i, u in enumerate(raw.get("unlearned") or []):
+        if isinstance(u, dict) and "path" in u:
+            fix(u, "path", ("unlearned", i, "path"))
     return raw
 
 
@@ -928,6 +946,9 @@ def load_config(
         ctl = cfg.model.hf.control
         if ctl is not None and ctl.path is not None:
             need_dir(ctl.path, ("model", "hf", "control", "path"), "control model directory")
+    for i, u in enumerate(cfg.unlearned):
+        if u.path is not None:
+            need_dir(u.path, ("unlearned", i, "path"), "unlearned model directory")
     _check_output_dir(cfg.output_dir, *where(("output_dir",)))
     return LoadedConfig(
         cfg, Path(path) if path is not None else None, warnings, data, lines, overridden
