@@ -365,11 +365,14 @@ def run_study(
     say: Callable[[str], None] = print,
     executor: Executor | None = None,
     output_kind: str = "study",
+    stages: tuple[str, ...] | None = None,
 ) -> RunSummary:
     """Plan, run and report a study; re-running the same config resumes it.
 
     ``output_kind`` marks the output directory (:mod:`rtteval.outputs`):
     ``rtteval attack`` runs a one-stage study into an ``attack`` output.
+    ``stages`` runs only those stages' jobs (and what they need), without a
+    report: ``rtteval unlearn --sweep`` is the unlearn and select stages.
     """
     cfg = loaded.config
     target = ResumableOutput(cfg.output_dir, overwrite=False, kind=output_kind)
@@ -378,14 +381,19 @@ def run_study(
     out = target.open()
     try:
         with DirLock(out):
-            return _run_locked(cfg, out, say=say, executor=executor)
+            return _run_locked(cfg, out, say=say, executor=executor, stages=stages)
     finally:
         # everything the study wrote is rtteval's, so a later --overwrite may replace it
         target.add(*(set(os.listdir(out)) - foreign))
 
 
 def _run_locked(
-    cfg: StudyConfig, out: Path, *, say: Callable[[str], None], executor: Executor | None
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    say: Callable[[str], None],
+    executor: Executor | None,
+    stages: tuple[str, ...] | None,
 ) -> RunSummary:
     """:func:`run_study`'s work, under the output directory's lock."""
     import yaml
@@ -394,6 +402,8 @@ def _run_locked(
     if swept:
         say(f"removed {swept} unfinished job dir(s) left by a killed run")
     plan = build_plan(cfg)
+    if stages is not None:
+        plan = plan.restricted(stages)
     for note in plan.notes:
         say(f"note: {note}")
     with Store.in_dir(out) as store:
@@ -425,6 +435,6 @@ def _run_locked(
         ex = executor if executor is not None else make_executor(cfg.executor)
         drv = Driver(cfg, plan, store, ex, say=say, tracker=tracker)
         summary = drv.run()
-        if not cfg.debug.fake_jobs:
+        if not cfg.debug.fake_jobs and stages is None:
             drv.write_report(plots=cfg.report.plots, final=True)
         return summary

@@ -96,6 +96,19 @@ class Plan:
     def by_key(self) -> dict[str, PlannedJob]:
         return {p.job.key: p for p in self.jobs}
 
+    def restricted(self, stages: tuple[str, ...]) -> Plan:
+        """The jobs of ``stages`` and everything they depend on (``unlearn --sweep``: no attacks)."""
+        by_key = self.by_key
+        keep: set[str] = set()
+        todo = [p.job.key for p in self.jobs if p.job.stage in stages]
+        while todo:
+            k = todo.pop()
+            if k not in keep:
+                keep.add(k)
+                todo.extend(by_key[k].job.deps)
+        groups = [g for g in self.groups if set(g.keys) <= keep]
+        return Plan([p for p in self.jobs if p.job.key in keep], groups, self.notes)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for p in self.jobs:
