@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rtteval.training.loop import Lion
+from rtteval.training.optim import Lion
 
 
 def _params(preset: str, dtype: torch.dtype) -> list[torch.nn.Parameter]:

@@ -185,7 +185,7 @@ def check_context(
 ) -> None:
     """Refuse any sequence longer than the model's context, naming the longest one's file:line.
 
-    The one length check of scoring and training (``rtteval.training.loop.encode_texts``
+    The one length check of scoring and training (``rtteval.training.batching.encode_texts``
     calls it too).  Refused, not truncated: cutting a prompt drops the
     question or its choices, so its score would be another question's, and
     past the context a model's positions are untrained (or, for a long

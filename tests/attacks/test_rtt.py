@@ -355,7 +355,7 @@ def test_replicates_rerun_each_lr_with_a_new_data_order(world: Dataset, fresh):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
 def test_batched_grid_matches_lr_by_lr(world: Dataset, fresh, optimizer: str):
-    """The lr grid trained as one Ensemble gives each lr's own run; a diverging lr stays alone."""
+    """The lr grid trained as one LrGrid gives each lr's own run; a diverging lr stays alone."""
     model, tok = fresh
     before = snapshot_state(model)
     huge = 1e6 if optimizer == "adamw" else 1e10  # NaN loss after a step or two
@@ -409,7 +409,10 @@ def test_attack_model_other_losses_and_retain_modes(world: Dataset, fresh, loss,
 def _crude_unlearn(src: Path, dst: Path, world: Dataset) -> None:
     """A cheap stand-in for unlearning: gradient ascent on the forget corpus until forget acc <= 0.35."""
     from rtteval.models import load_model, save_model
-    from rtteval.training.loop import TrainConfig, encode_texts, make_batches, nll_loss, train
+    from rtteval.training.batching import encode_texts, make_batches
+    from rtteval.training.config import TrainConfig
+    from rtteval.training.loop import train
+    from rtteval.training.losses import nll_loss
 
     model, tok = load_model(src, device="cpu")
     sc = scoring_for(world)

@@ -20,7 +20,7 @@ from rtteval.methods.base import (
 from rtteval.methods.rmu import RMU, control_vector, default_layer
 from rtteval.models import load_model, snapshot_state
 from rtteval.stages.unlearn import UnlearnConfig, unlearn
-from rtteval.training.loop import pad_batch
+from rtteval.training.batching import pad_batch
 
 #: every registered method: a new one is held to the per-method tests below automatically
 ALL = sorted(METHODS)

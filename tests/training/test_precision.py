@@ -14,20 +14,17 @@ from rtteval.data import load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import load_model
 from rtteval.models.loading import is_checkpointing
-from rtteval.training.loop import (
-    Ensemble,
-    KahanAdamW,
-    Lion,
+from rtteval.training.batching import encode_texts, make_batches
+from rtteval.training.config import TrainConfig
+from rtteval.training.grid import LrGrid
+from rtteval.training.loop import train
+from rtteval.training.losses import lm_loss_fn
+from rtteval.training.optim import KahanAdamW, Lion, carried_weights
+from rtteval.training.precision import (
     LostUpdateWarning,
-    TrainConfig,
-    carried_weights,
-    encode_texts,
-    lm_loss_fn,
     lost_update_warnings,
-    make_batches,
     resolve_precision,
     rounding_step,
-    train,
 )
 
 PAPER_LRS = [1e-7, 8e-7, 3.2e-6]
@@ -137,14 +134,14 @@ def test_precision_names_and_ensemble_dtype(micro):
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == "bf16"
     model, batches = micro
-    ens = Ensemble(copy.deepcopy(model), [1e-4, 1e-3])  # fp32 weights
+    ens = LrGrid(copy.deepcopy(model), [1e-4, 1e-3])  # fp32 weights
     with pytest.raises(ConfigError, match="cast_for_precision"):
         train(ens, lambda e: batches, lm_loss_fn, TrainConfig(precision="bf16"))
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
-    """``model``'s weights as fp32 in an Ensemble's flat layout (some matrices transposed)."""
-    return Ensemble(copy.deepcopy(model).float(), [1.0])._flat[0].clone()
+    """``model``'s weights as fp32 in an LrGrid's flat layout (some matrices transposed)."""
+    return LrGrid(copy.deepcopy(model).float(), [1.0])._flat[0].clone()
 
 
 def test_ensemble_in_bf16_trains_each_lr_as_if_alone(micro):
@@ -154,7 +151,7 @@ def test_ensemble_in_bf16_trains_each_lr_as_if_alone(micro):
     low = copy.deepcopy(model).bfloat16()
     start = _flat(low)
     carried: dict[str, list[torch.Tensor]] = {}
-    together = train(Ensemble(low, lrs), lambda e: batches, lm_loss_fn, cfg,
+    together = train(LrGrid(low, lrs), lambda e: batches, lm_loss_fn, cfg,
                      on_finish=lambda o: carried.setdefault("w", carried_weights(o)))  # fmt: skip
     for g, lr in enumerate(lrs):
         alone = copy.deepcopy(low)
@@ -256,14 +253,14 @@ def test_gradient_checkpointing_gives_the_same_training(micro, pretrained_tiny):
         runs.append((res.losses, [p.detach().clone() for p in model.parameters()]))
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*[r[1] for r in runs], strict=True))
-    # loaded with checkpointing on (the study's gradient_checkpointing), trained as an Ensemble
+    # loaded with checkpointing on (the study's gradient_checkpointing), trained as an LrGrid
     losses = []
     for ckpt in (False, True):
         loaded, _ = load_model(
             pretrained_tiny["original"], device="cpu", gradient_checkpointing=ckpt
         )
         assert is_checkpointing(loaded) == ckpt
-        ens = train(Ensemble(loaded, [1e-4, 2e-4]), lambda e: batches, lm_loss_fn, cfg)
+        ens = train(LrGrid(loaded, [1e-4, 2e-4]), lambda e: batches, lm_loss_fn, cfg)
         losses.append([x for r in ens for x in r.losses])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from rtteval.attacks.base import AttackConfig, register_attack
 from rtteval.attacks.rtt import RTTSpec
-from rtteval.training.loop import Ensemble
+from rtteval.training.grid import LrGrid
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -136,12 +136,12 @@ def attach_lora(model: torch.nn.Module, lora: dict[str, Any], seed: int = 0) -> 
         torch.random.set_rng_state(state)
 
 
-class LoraEnsemble(Ensemble):
+class LoraEnsemble(LrGrid):
     """The lr grid as one batched model: one frozen base, G LoRA adapters stacked.
 
     Memory grows with adapters, not with copies of the model: each LoRA
     layer's A and B are stacked ``[G, ...]`` (views of one flat buffer per
-    member, as :class:`rtteval.training.loop.Ensemble`'s, so :func:`rtteval.training.loop.train`
+    member, as :class:`rtteval.training.grid.LrGrid`'s, so :func:`rtteval.training.loop.train`
     optimizes, clips and freezes per member), and a forward hook on the layer
     adds member g's ``B_g A_g x`` to the shared base output with ``bmm``.
     peft's own adapters are switched off while the ensemble lives

@@ -27,18 +27,12 @@ from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError
 from rtteval.models import restore_state, snapshot_state
 from rtteval.scoring import ScoringConfig, check_context, continuation_ids, evaluate_mcq
-from rtteval.training.loop import (
-    Ensemble,
-    TrainConfig,
-    TrainResult,
-    cast_for_precision,
-    cast_parameters,
-    encode_texts,
-    ensemble_unsupported,
-    lm_loss_fn,
-    make_batches,
-    train,
-)
+from rtteval.training.batching import encode_texts, make_batches
+from rtteval.training.config import TrainConfig
+from rtteval.training.grid import LrGrid, grid_unsupported
+from rtteval.training.loop import TrainResult, train
+from rtteval.training.losses import lm_loss_fn
+from rtteval.training.precision import cast_for_precision, cast_parameters
 
 
 class RelearnSettings(Protocol):
@@ -132,9 +126,9 @@ def _acc(xs: Sequence[bool] | None) -> float | None:
     return (sum(xs) / len(xs)) if xs else None
 
 
-def _ensemble_for(
+def _grid_for(
     model: torch.nn.Module, lrs: Sequence[float], batched: bool | None, name: str = "RTT"
-) -> Ensemble | None:
+) -> LrGrid | None:
     """The lr grid as one batched model, or None to train the lrs one by one.
 
     Automatic (``batched=None``): batched when there are several lrs, every
@@ -143,7 +137,7 @@ def _ensemble_for(
     """
     if batched is False or (batched is None and len(lrs) < 2):
         return None
-    reason = ensemble_unsupported(model)
+    reason = grid_unsupported(model)
     device = next(model.parameters()).device
     if reason is None and batched is None and device.type == "cuda":
         need = 5 * len(lrs) * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -153,7 +147,7 @@ def _ensemble_for(
         if batched:
             raise ConfigError(f"batched {name} impossible: {reason}")
         return None
-    return Ensemble(model, lrs)
+    return LrGrid(model, lrs)
 
 
 def _run_result(lr: float, res: TrainResult, steps_per_epoch: int, rep: int = 0) -> RunResult:
@@ -192,7 +186,7 @@ def relearn(
     log: Callable[[str], None] | None = None,
     batched: bool | None = None,
     trainable: Callable[[str], bool] | None = None,
-    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], Ensemble | None] | None = None,
+    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], LrGrid | None] | None = None,
 ) -> ModelAttack:
     """Fine-tune ``model`` on each fold's items for every lr in ``cfg.lrs``; the model is returned unchanged.
 
@@ -207,9 +201,9 @@ def relearn(
     caller's to check, immediately before calling this.
 
     ``batched`` trains a fold's learning rates together as one
-    :class:`rtteval.training.loop.Ensemble` (same numbers, up to float rounding; the
+    :class:`rtteval.training.grid.LrGrid` (same numbers, up to float rounding; the
     runs then share one ``wall_time``): ``None`` decides automatically (see
-    :func:`_ensemble_for`), ``False`` runs them one by one, ``True`` insists.
+    :func:`_grid_for`), ``False`` runs them one by one, ``True`` insists.
     ``config`` is stored as the record's config; ``name`` labels progress.
     ``trainable(name)`` picks the parameters to update (LoRA-RTT: the
     adapters only); the learning rates then run one by one unless
@@ -229,7 +223,7 @@ def relearn(
     elif trainable is not None and batched:
         raise ConfigError(f"batched {name} impossible: it trains a subset of the parameters")
     else:
-        ensemble = None if trainable is not None else _ensemble_for(model, cfg.lrs, batched, name)
+        ensemble = None if trainable is not None else _grid_for(model, cfg.lrs, batched, name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fold_results: list[FoldAttack] = []
     warned: set[str] = set()

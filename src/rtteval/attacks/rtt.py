@@ -45,11 +45,11 @@ from rtteval.attacks.folds import (
 )
 from rtteval.attacks.records import ModelAttack
 from rtteval.attacks.relearn import relearn
-from rtteval.config.study import LocatedError
+from rtteval.config.study import LocatedError, Precision
 from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError, UserError
 from rtteval.scoring import ScoringConfig
-from rtteval.training.loop import Precision, check_precision
+from rtteval.training.precision import check_precision
 
 __all__ = ["RTT", "RTTConfig", "RTTSpec", "attack_model"]
 

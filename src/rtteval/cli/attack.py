@@ -147,7 +147,7 @@ def attack_cmd(
     from rtteval.data import load_dataset
     from rtteval.models.loading import check_model_source
     from rtteval.runner.driver import run_study
-    from rtteval.training.loop import check_precision
+    from rtteval.training.precision import check_precision
 
     check_device_option(device)
     if attack not in ATTACKS:

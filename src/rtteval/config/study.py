@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-#: Training precision of every stage (:data:`rtteval.training.loop.PRECISIONS`, docs/performance.md).
+#: Training precision of every stage (:data:`rtteval.training.precision.PRECISIONS`, docs/performance.md).
 Precision = Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"]
 
 

@@ -5,7 +5,7 @@ hyperparameters per model scale, a default sweep grid, and :meth:`Method.build`,
 which returns ``(loss_fn, trainable)`` for :func:`rtteval.training.loop.train`.  The
 unlearning loop (:mod:`rtteval.stages.unlearn`) hands every ``loss_fn`` a batch
 ``{"forget": ..., "retain": ...}`` of padded token batches (see
-:func:`rtteval.training.loop.pad_batch`), so a method never sees data loading,
+:func:`rtteval.training.batching.pad_batch`), so a method never sees data loading,
 optimizers or evaluation.
 """
 
@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerBase
 from rtteval.config.study import Precision
 from rtteval.data import Dataset
 from rtteval.errors import ConfigError
-from rtteval.training.loop import Batch, LossFn, batch_logits, nll_loss
+from rtteval.training.batching import Batch
+from rtteval.training.losses import LossFn, batch_logits, nll_loss
 
 Trainable = Callable[[str], bool] | None
 

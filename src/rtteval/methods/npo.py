@@ -23,7 +23,7 @@ from rtteval.methods.base import (
     num,
 )
 from rtteval.methods.losses import npo_loss, sequence_logprobs
-from rtteval.training.loop import LossFn, nll_loss
+from rtteval.training.losses import LossFn, nll_loss
 
 
 @register("npo")

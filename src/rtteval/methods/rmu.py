@@ -35,7 +35,8 @@ from rtteval.methods.base import (
     num,
 )
 from rtteval.methods.losses import rmu_forget_loss, rmu_retain_loss
-from rtteval.training.loop import LossFn, pad_batch
+from rtteval.training.batching import pad_batch
+from rtteval.training.losses import LossFn
 
 
 def default_layer(n_layers: int) -> int:

@@ -19,7 +19,7 @@ from rtteval.methods.base import (
     num,
 )
 from rtteval.methods.losses import sequence_logprobs, simnpo_loss
-from rtteval.training.loop import LossFn, nll_loss
+from rtteval.training.losses import LossFn, nll_loss
 
 
 @register("simnpo")

@@ -15,21 +15,18 @@ from typing import Any
 import torch
 
 from rtteval.atomic import write_json_atomic
+from rtteval.config.study import Precision
 from rtteval.data import Dataset, Passage, load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
 from rtteval.models.loading import write_model_files
 from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
-from rtteval.training.loop import (
-    Precision,
-    TrainConfig,
-    cast_for_precision,
-    encode_texts,
-    lm_loss_fn,
-    make_batches,
-    train,
-)
+from rtteval.training.batching import encode_texts, make_batches
+from rtteval.training.config import TrainConfig
+from rtteval.training.loop import train
+from rtteval.training.losses import lm_loss_fn
+from rtteval.training.precision import cast_for_precision
 
 
 @dataclass

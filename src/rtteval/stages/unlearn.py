@@ -38,6 +38,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rtteval.atomic import write_json_atomic
+from rtteval.config.study import Precision
 from rtteval.data import MCQ, Dataset, load_dataset
 from rtteval.errors import ConfigError
 from rtteval.methods import get_method
@@ -52,16 +53,10 @@ from rtteval.methods.base import (
 from rtteval.models.loading import write_model_files
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.stages.pretrain import scoring_for
-from rtteval.training.loop import (
-    Batch,
-    Precision,
-    TrainConfig,
-    cast_for_precision,
-    check_precision,
-    encode_texts,
-    make_batches,
-    train,
-)
+from rtteval.training.batching import Batch, encode_texts, make_batches
+from rtteval.training.config import TrainConfig
+from rtteval.training.loop import train
+from rtteval.training.precision import cast_for_precision, check_precision
 
 #: UnlearnConfig fields that a method's per-scale defaults fill when left as None.
 TRAIN_DEFAULT_KEYS = (
@@ -421,26 +416,26 @@ def unlearn(
     loss_fn, trainable = method.build(ctx)
     trainable = combine_filters(trainable, frozen_filter(rcfg.frozen), only_filter(rcfg.train_only))
 
-    state: dict[str, Any] = {"logs": {}, "note": ""}
+    state: dict[str, Any] = {"logs": {}}
 
-    def guarded(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def logged(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         loss, logs = loss_fn(m, batch)
         state["logs"] = logs
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return loss, logs  # train() records a non-finite loss as divergence
+        return loss, logs
+
+    def diverged(value: float) -> str | None:
+        """An exploding |loss|: above ``max_loss_ratio`` x the first one (at least 100), or ``max_loss``."""
         first = state.setdefault("first_loss", max(abs(value), 100.0))
         limit = rcfg.max_loss_ratio * first
         if rcfg.max_loss is not None:
             limit = min(limit, rcfg.max_loss)
-        if abs(value) > limit:
-            state["note"] = (
-                f"|loss| {value:.4g} exceeded {limit:.4g} "
-                f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first:.4g}"
-                + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
-            )
-            return loss * math.inf, logs
-        return loss, logs
+        if abs(value) <= limit:
+            return None
+        return (
+            f"|loss| {value:.4g} exceeded {limit:.4g} "
+            f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first:.4g}"
+            + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
+        )
 
     def stop(row: dict[str, Any]) -> bool:
         target = rcfg.target_forget_acc
@@ -485,12 +480,13 @@ def unlearn(
     result = train(
         model,
         batches,
-        guarded,
+        logged,
         tcfg,
         evaluate=lambda m: evaluate_unlearning(m, tokenizer, prep),
         stop=stop,
         trainable=trainable,
         progress=f"unlearn {method.name}" if progress else None,
+        diverged=diverged,
     )
     history = list(result.history)
     if before is None:
@@ -502,7 +498,6 @@ def unlearn(
     else:
         after = evaluate_unlearning(model, tokenizer, prep)
         history.append({"step": result.steps, "epoch": result.epochs_run, **after})
-    message = state["note"] or result.message
     return UnlearnResult(
         method=method.name,
         status=result.status,
@@ -513,7 +508,7 @@ def unlearn(
         steps=result.steps,
         epochs_run=result.epochs_run,
         wall_time=time.perf_counter() - t0,
-        message=message,
+        message=result.message,
         final_logs=state["logs"],
         forget_source=prep.forget_source,
         retain_source=prep.retain.source,
