@@ -8,44 +8,25 @@ that "never learned + RTT" is a fair floor for the attack.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rtteval.atomic import write_json_atomic
-from rtteval.config.study import Precision
 from rtteval.data import Dataset, Passage, load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
 from rtteval.models.loading import write_model_files
 from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
+from rtteval.stages.settings import FinetuneConfig, PretrainConfig
 from rtteval.training.batching import encode_texts, make_batches
 from rtteval.training.config import TrainConfig
 from rtteval.training.loop import train
 from rtteval.training.losses import lm_loss_fn
 from rtteval.training.precision import cast_for_precision
-
-
-@dataclass
-class PretrainConfig:
-    """Pretraining hyperparameters (defaults measured on 2 CPU cores, see docs/)."""
-
-    model_preset: str = "tiny-1m"
-    lr: float = 3e-3
-    batch_size: int = 64
-    max_epochs: int = 120
-    warmup_steps: int = 30
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    target_accuracy: float = 0.97
-    eval_every_epochs: int = 2
-    seed: int = 0
-    exclude_forget: bool = False
-    anneal_epochs: int = 10
-    precision: Precision = "auto"
 
 
 def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
@@ -183,7 +164,7 @@ def pretrain(
         metrics={
             "kind": "control" if cfg.exclude_forget else "original",
             "data": str(Path(data_dir)),
-            "config": asdict(cfg),
+            "config": cfg.model_dump(),
             "n_params": n_params(model),
             "n_passages": len(passages),
         },
@@ -249,53 +230,6 @@ def _learn_and_save(
         write_model_files(model, tokenizer, stage)
         write_json_atomic(stage / "pretrain.json", metrics)
     return metrics
-
-
-@dataclass
-class FinetuneConfig:
-    """Learning the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime).
-
-    The base model never saw the forget facts (the tiny never-learned
-    control, or a hub model for facts it cannot know); this phase trains on
-    their corpus (or, without one, on the questions written out with their
-    answers), replaying the retain corpus at ``replay_ratio`` so that
-    fine-tuning does not erase what pretraining taught.  It stops when every
-    evaluated accuracy (forget, and held-out retain where the dataset has
-    it) reaches ``target_accuracy`` (``None``: run all ``max_epochs``).
-    ``loss``: ``corpus`` learns the facts from their prose (or, without
-    any, from the answered questions); ``mcq_answer`` from the answered
-    questions with loss on the answer only (the paper's LETTER_ANSWER).
-    ``grad_clip``: ``None`` clips nothing.  Defaults are for the tiny
-    models; :meth:`paper` is the paper's Random Birthdays fine-tuning.
-    """
-
-    lr: float = 1e-3
-    batch_size: int = 32
-    max_epochs: int = 80
-    warmup_steps: int = 10
-    replay_ratio: float = 0.5
-    target_accuracy: float | None = 0.97
-    eval_every_epochs: int = 2
-    optimizer: str = "adamw"
-    loss: str = "corpus"
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    precision: Precision = "auto"
-
-    @classmethod
-    def paper(cls, **overrides: Any) -> FinetuneConfig:
-        """The paper's Random Birthdays fine-tuning (docs/paper-fidelity.md gives the sources).
-
-        Lion at 1e-6, 6 epochs of batch 4 over every split's MCQs with the
-        answer-only loss, warmup over 24 steps, no clipping, no replay.
-        """
-        base: dict[str, Any] = dict(
-            lr=1e-6, batch_size=4, max_epochs=6, warmup_steps=24, replay_ratio=0.0,
-            target_accuracy=None, eval_every_epochs=1, optimizer="lion", loss="mcq_answer",
-            grad_clip=None,
-        )  # fmt: skip
-        base.update(overrides)
-        return cls(**base)
 
 
 def finetune_facts(
@@ -383,7 +317,12 @@ def finetune_facts(
         progress=progress,
         out_dir=out_dir,
         overwrite=overwrite,
-        metrics={**(metrics or {}), "kind": "finetuned", "config": asdict(cfg), "before": before},
+        metrics={
+            **(metrics or {}),
+            "kind": "finetuned",
+            "config": cfg.model_dump(),
+            "before": before,
+        },
     )
 
 
