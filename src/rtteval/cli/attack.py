@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from rtteval.cli.options import COUNT, COUNT0, POSITIVE, SEED, Number, check_device_option
+from rtteval.cli.settings import apply_settings, settings_argument
 from rtteval.errors import ConfigError, UserError
 from rtteval.outputs import OVERWRITE_HELP, ResumableOutput
 
@@ -136,6 +137,7 @@ def attack_cmd(
     overwrite: Annotated[
         bool, typer.Option(help=OVERWRITE_HELP + " (recomputes every attack)")
     ] = False,
+    settings: settings_argument("warmup_steps=10 (the attack's own fields, docs/runner.md)") = None,
 ) -> None:
     """Attack (RTT by default: fine-tune on T, measure V) the unlearned, original and control models."""
     from pydantic import ValidationError
@@ -178,16 +180,12 @@ def attack_cmd(
             raise ConfigError(
                 f"attack {attack!r} has no setting {k!r}", file="--" + k.replace("_", "-")
             )
+    spec = apply_settings(
+        runner.config_type, {"name": attack, **given}, settings,
+        exclude=("name", "folds", "controls", "eval_batch_size"),
+    )  # fmt: skip
     try:  # name the option, not the config's field
-        spec = runner.config_type.model_validate({"name": attack, **given})
         spec.resolved(seed if seed is not None else 0)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "--attack"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] != "value_error" and "input" in err:
-            msg += f" (got {err['input']!r})"
-        raise ConfigError(msg, file=where) from None
     except ConfigError as e:
         if e.field and e.file is None:
             raise ConfigError(e.message, file="--" + e.field.replace("_", "-")) from None

@@ -8,6 +8,7 @@ rich table on stderr, a JSON summary on stdout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from rtteval.cli.options import (
     SEED,
     check_device_option,
 )
+from rtteval.cli.settings import settings_argument
 from rtteval.errors import ConfigError, UserError
 from rtteval.outputs import OVERWRITE_HELP
 
@@ -64,12 +66,7 @@ def _load_grid(spec: str | None) -> dict[str, list[Any]] | None:
 
 def _check_grid(method_cls: Any, grid: dict[str, Any] | None) -> None:
     """Every ``--grid`` key is a setting of the method and every value fits its declared type."""
-    from dataclasses import fields
-
-    from rtteval.stages.unlearn import UnlearnConfig
-
-    allowed = {f.name for f in fields(UnlearnConfig)} - {"method", "hparams", "seed"}
-    allowed |= set(method_cls.hparam_names)
+    allowed = _allowed(method_cls)
     for k, vs in (grid or {}).items():
         if k not in allowed:
             raise ConfigError(
@@ -82,6 +79,40 @@ def _check_grid(method_cls: Any, grid: dict[str, Any] | None) -> None:
         for v in vs:
             if err := method_cls.param_error(k, v):
                 raise ConfigError(err, file="--grid", field=k)
+
+
+def _method_settings(method_cls: Any, items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` settings of an unlearning run, checked as a study's ``methods[].fixed`` is.
+
+    The keys are :class:`~rtteval.stages.unlearn.UnlearnConfig` fields and the
+    method's own hyperparameters; each value is checked against the type the
+    method declares for it (``Method.param_error``).
+    """
+    from rtteval.config.study import parse_overrides
+
+    allowed = _allowed(method_cls)
+    out: dict[str, Any] = {}
+    for loc, value, text in parse_overrides(list(items or [])):
+        key = ".".join(map(str, loc))
+        if len(loc) != 1 or key not in allowed:
+            raise ConfigError(
+                f"method {method_cls.name!r} has no setting {key!r}; it takes "
+                f"{', '.join(sorted(allowed))}",
+                file=f"setting {text!r}",
+                field=key,
+            )
+        if err := method_cls.param_error(key, value):
+            raise ConfigError(err, file=f"setting {text!r}", field=key)
+        out[key] = value
+    return out
+
+
+def _allowed(method_cls: Any) -> set[str]:
+    """What a method's run takes: UnlearnConfig's fields (but the ones set elsewhere) and hparams."""
+    from rtteval.stages.unlearn import UnlearnConfig
+
+    allowed = {f.name for f in dataclasses.fields(UnlearnConfig)} - {"method", "hparams", "seed"}
+    return allowed | set(method_cls.hparam_names)
 
 
 def _fmt(v: Any) -> str:
@@ -194,6 +225,10 @@ def unlearn_cmd(
     ] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+    settings: settings_argument(
+        "warmup_steps=5 (UnlearnConfig fields and the method's hyperparameters, as a study's "
+        "methods[].fixed)"
+    ) = None,
 ) -> None:
     """Unlearn the forget splits of a dataset; write the model and metrics.json."""
     from rtteval.methods import get_method
@@ -224,24 +259,25 @@ def unlearn_cmd(
         only = [] if train_only.strip() == "all" else [s.strip() for s in train_only.split(",")]
         if any(not s for s in only):
             raise ConfigError(f"--train-only {train_only!r}: empty name in the list")
+    fixed = dict(
+        lr=lr, optimizer=optimizer, adam_eps=adam_eps, train_only=only, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, eval_every_steps=eval_every_steps,
+        target_forget_acc=target_forget_acc, **hparams,
+    )  # fmt: skip
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+    fixed.update(_method_settings(cls, settings))
     if sweep or grid is not None:
-        settings = dict(
-            lr=lr, optimizer=optimizer, adam_eps=adam_eps, train_only=only, epochs=epochs,
-            max_steps=max_steps, batch_size=batch_size, eval_every_steps=eval_every_steps,
-            target_forget_acc=target_forget_acc, **hparams,
-        )  # fmt: skip
         _sweep(
-            model, data, out, method, {k: v for k, v in settings.items() if v is not None},
+            model, data, out, method, fixed,
             grid_values, retain_data=retain_data, retain_threshold=retain_threshold, seed=seed,
             device=device, precision=precision, threads=threads, overwrite=overwrite,
         )  # fmt: skip
         return
+    names = {f.name for f in dataclasses.fields(UnlearnConfig)}
     cfg = UnlearnConfig(
-        method=method, hparams=hparams, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
-        adam_eps=adam_eps, train_only=only,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-        eval_every_steps=eval_every_steps, target_forget_acc=target_forget_acc, seed=seed,
-        precision=precision,  # type: ignore[arg-type]
+        **{"method": method, "seed": seed, "precision": precision,
+           **{k: v for k, v in fixed.items() if k in names}},
+        hparams={k: v for k, v in fixed.items() if k not in names},
     )  # fmt: skip
     metrics = run_unlearn(
         model, data, out, cfg,
