@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -184,6 +184,24 @@ def _optional_fields(cfg_type: type, skip: set[str]) -> dict[str, Any]:
     """``cfg_type``'s fields with their declared types and ranges, each optional (unset: None)."""
     hints = typing.get_type_hints(cfg_type, include_extras=True)
     return {f.name: (hints[f.name] | None, None) for f in fields(cfg_type) if f.name not in skip}
+
+
+def rtt_fields(*names: str) -> dict[str, Any]:
+    """RTTConfig's fields ``names`` with their types, ranges and defaults, for ``create_model``.
+
+    Another relearning attack (``retain_relearn``) takes RTT's training grid
+    from here rather than declaring it again.
+    """
+    hints = typing.get_type_hints(RTTConfig, include_extras=True)
+    by_name = {f.name: f for f in fields(RTTConfig)}
+    out: dict[str, Any] = {}
+    for n in names:
+        f = by_name[n]
+        if f.default_factory is not MISSING:
+            out[n] = (hints[n], Field(default_factory=f.default_factory))
+        else:
+            out[n] = (hints[n], f.default)
+    return out
 
 
 #: RTTConfig's settings as optional fields of an ``attacks:`` entry (declared once, in RTTConfig).
