@@ -13,7 +13,7 @@ from rtteval.config.study import FinetuneSpec, load_config
 from rtteval.fidelity import load_settings, render_markdown
 from rtteval.methods import METHODS
 from rtteval.scoring import ScoringConfig
-from rtteval.stages.pretrain import FinetuneConfig
+from rtteval.stages.finetune import FinetuneConfig
 from rtteval.stages.unlearn import UnlearnConfig, apply_point, expand_grid, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,18 +149,16 @@ def test_random_birthdays_keeps_splits_5_to_9_as_retain(shared_datasets, tmp_pat
 
 def test_mcq_answer_finetuning_puts_the_loss_on_the_answer_only(pretrained_tiny, monkeypatch):
     """FinetuneConfig.paper()'s loss: every answered MCQ once, loss on `` L. choice`` and EOS only."""
-    import rtteval.stages.pretrain as pt
+    import rtteval.stages.finetune as ft
     from rtteval.data import load_dataset
     from rtteval.models import load_model
     from rtteval.scoring import continuation_ids, format_mcq
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(
-        pt, "_learn_and_save", lambda m, t, batches, *a, **k: seen.update(b=batches)
-    )
+    monkeypatch.setattr(ft, "learn_and_save", lambda m, t, batches, *a, **k: seen.update(b=batches))
     model, tok = load_model(pretrained_tiny["control"], device="cpu")
     ds = load_dataset(pretrained_tiny["world"])
-    pt.finetune_facts(model, tok, ds, "unused", FinetuneConfig.paper(max_epochs=1), progress=False)
+    ft.finetune_facts(model, tok, ds, "unused", FinetuneConfig.paper(max_epochs=1), progress=False)
     got = sorted(
         (tuple(ids[m.bool()].tolist()), tuple(lab[lab != -100].tolist()))
         for b in seen["b"](0)

@@ -70,7 +70,7 @@ def test_the_sweep_sees_every_command():
 )
 def test_numeric_option_sweep(path, cmd, opt, cli):
     spec = opt.type_descriptor.parameter_info.parser
-    assert isinstance(spec, Number), f"{opt.opts[0]} must declare its range with cli_options.Number"
+    assert isinstance(spec, Number), f"{opt.opts[0]} must declare its range with cli.options.Number"
     flag = opt.opts[0]
     assert spec.describe() in (opt.help or ""), f"{flag}: --help does not show its range"
     values = ["0", "-1", "abc"] + (["inf", "nan"] if spec.kind is float else ["1.5"])

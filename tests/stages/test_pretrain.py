@@ -52,7 +52,7 @@ def test_control_excludes_forget_corpus(tiny_world):
 
 
 def test_finetune_regime_teaches_forget_facts_to_the_control(pretrained_tiny, tmp_path):
-    from rtteval.stages.pretrain import FinetuneConfig, finetune_forget_facts
+    from rtteval.stages.finetune import FinetuneConfig, finetune_forget_facts
 
     m = finetune_forget_facts(
         pretrained_tiny["control"],

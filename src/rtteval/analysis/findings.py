@@ -56,11 +56,7 @@ from rtteval.analysis.metrics import (
     recovery,
     select_optimistic,
 )
-from rtteval.analysis.report import Picked, load_results
-from rtteval.analysis.report import clean_json as _clean
-from rtteval.analysis.report import fmt as _fmt
-from rtteval.analysis.report import fmt_ci as _fmt_ci
-from rtteval.analysis.report import md_table as _report_md_table
+from rtteval.analysis.report import Picked, clean_json, fmt, fmt_ci, load_results, md_table
 from rtteval.atomic import write_json_atomic, write_text_atomic
 from rtteval.attacks.records import ModelAttack
 
@@ -734,7 +730,7 @@ def analyze(
             "rows": steps,
         },
     }
-    return _clean(out)
+    return clean_json(out)
 
 
 # --------------------------------------------------------------------------- markdown
@@ -743,7 +739,7 @@ def analyze(
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     """The report's table, with ``|`` escaped: labels such as "world |T|=1" would split cells."""
     esc = [[c.replace("|", "\\|") for c in r] for r in [headers, *rows]]
-    return _report_md_table(esc[0], esc[1:])
+    return md_table(esc[0], esc[1:])
 
 
 def _rules_present(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -759,7 +755,7 @@ def _name(r: Mapping[str, Any], multi: bool) -> str:
 def _ci_of(block: Mapping[str, Any] | None, key: str) -> str:
     if not block:
         return "—"
-    return _fmt_ci(block.get(key), block.get(f"{key}_ci"))
+    return fmt_ci(block.get(key), block.get(f"{key}_ci"))
 
 
 def _excludes_zero(ci: Sequence[float | None] | None) -> bool:
@@ -811,9 +807,9 @@ def _regime_table(rows: Sequence[Mapping[str, Any]]) -> str:
                     r["method"],
                     rule,
                     str(r["n_seeds"]),
-                    _fmt(r["chance"]),
-                    _fmt_ci(r["original"], r.get("original_ci")),
-                    _fmt_ci(r["unlearned"], r.get("unlearned_ci")),
+                    fmt(r["chance"]),
+                    fmt_ci(r["original"], r.get("original_ci")),
+                    fmt_ci(r["unlearned"], r.get("unlearned_ci")),
                     _ci_of(b, "original_rtt"),
                     _ci_of(b, "unlearned_rtt"),
                     _ci_of(b, "control_rtt"),
@@ -844,16 +840,16 @@ def _comparison_md(comps: Sequence[Mapping[str, Any]]) -> list[str]:
             body.append(
                 [c["method"], c["pretrained_dataset"], c["finetuned_dataset"],
                  "yes" if c["same_facts"] else "no", rule,
-                 _fmt_ci(b["pretrained"], b.get("pretrained_ci")),
-                 _fmt_ci(b["finetuned"], b.get("finetuned_ci")),
-                 _fmt_ci(b["difference"], b.get("difference_ci")), b["verdict"],
+                 fmt_ci(b["pretrained"], b.get("pretrained_ci")),
+                 fmt_ci(b["finetuned"], b.get("finetuned_ci")),
+                 fmt_ci(b["difference"], b.get("difference_ci")), b["verdict"],
                  b.get("resampling") or "—"]
             )  # fmt: skip
             if b["difference"] is not None:
                 says.append(
-                    f"{who}, {rule}: recovery {_fmt(b['pretrained'], 2)} pretrained vs "
-                    f"{_fmt(b['finetuned'], 2)} finetuned, difference "
-                    f"{_fmt_ci(b['difference'], b.get('difference_ci'))}: {b['verdict']}."
+                    f"{who}, {rule}: recovery {fmt(b['pretrained'], 2)} pretrained vs "
+                    f"{fmt(b['finetuned'], 2)} finetuned, difference "
+                    f"{fmt_ci(b['difference'], b.get('difference_ci'))}: {b['verdict']}."
                 )
     table = _md_table(
         ["method", "pretrained", "finetuned", "same facts", "selection", "recovery pretrained",
@@ -871,8 +867,8 @@ def _controls_md(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             if not b:
                 continue
             body.append(
-                [r["dataset"], r["regime"], str(r["train_splits"]), rule, _fmt(r["chance"]),
-                 _fmt(r.get("control")), _ci_of(b, "control_rtt"), b["floor"],
+                [r["dataset"], r["regime"], str(r["train_splits"]), rule, fmt(r["chance"]),
+                 fmt(r.get("control")), _ci_of(b, "control_rtt"), b["floor"],
                  _ci_of(b, "original_rtt")]
             )  # fmt: skip
             if b["control_rtt"] is not None:
@@ -937,15 +933,15 @@ def _steps_md(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             end = next(r for r in rs if r["label"] == label and r["epoch"] == last)
             key = "v_acc" if first["role"] == "original" else "recovery"
             what = "V accuracy" if key == "v_acc" else "recovery"
-            parts.append(f"{label} {what} {_fmt(first[key], 2)} → {_fmt(end[key], 2)}")
+            parts.append(f"{label} {what} {fmt(first[key], 2)} → {fmt(end[key], 2)}")
         out.append(f"**{ds}** ({rs[0]['regime']}), epoch 1 → {last}: " + "; ".join(parts) + ".")
         out.append("")
         out.append(
             _md_table(
                 ["role", "epoch", "steps", "lr (per seed)", "V accuracy", "recovery"],
-                [[r["label"], str(r["epoch"]), _fmt(r["steps"], 0),
+                [[r["label"], str(r["epoch"]), fmt(r["steps"], 0),
                   ", ".join("—" if x is None else f"{x:g}" for x in r["lrs"]),
-                  _fmt_ci(r["v_acc"], r.get("v_acc_ci")), _fmt_ci(r["recovery"], r.get("recovery_ci"))]
+                  fmt_ci(r["v_acc"], r.get("v_acc_ci")), fmt_ci(r["recovery"], r.get("recovery_ci"))]
                  for r in rs],
             )
         )  # fmt: skip

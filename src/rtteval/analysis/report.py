@@ -23,6 +23,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,12 @@ def _as_list(x: ModelAttack | Sequence[ModelAttack] | None) -> list[ModelAttack]
     return list(x)
 
 
-def _clean(o: Any) -> Any:
+def clean_json(o: Any) -> Any:
     """NaN/inf -> None (results.json must be strict JSON); numpy scalars -> Python."""
     if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
+        return {k: clean_json(v) for k, v in o.items()}
     if isinstance(o, list | tuple):
-        return [_clean(v) for v in o]
+        return [clean_json(v) for v in o]
     if isinstance(o, np.generic):
         o = o.item()
     if isinstance(o, float) and not math.isfinite(o):
@@ -257,6 +258,186 @@ def _rtt_numbers(
     return out
 
 
+@dataclass
+class _Shared:
+    """What every method's rows share: the original and control arms, the folds, chance, rules."""
+
+    ds_name: str
+    row_info: dict[str, Any]
+    originals: list[ModelAttack]
+    controls: list[ModelAttack]
+    fold_names: list[str]
+    fold_slices: list[slice]
+    n_questions: int
+    chance: float
+    rules: list[str]
+    #: rule -> {"original": Picked, "control": Picked or None}
+    picked: dict[str, dict[str, Any]]
+    o_before: np.ndarray
+    c_before: np.ndarray | None
+    n_boot: int
+    seed: int
+    paired: bool
+
+
+def _method_numbers(sh: _Shared, atts: list[ModelAttack], mi: int) -> dict[str, Any]:
+    """Per selection rule: the method's after-RTT numbers over all folds, and its :class:`Picked`."""
+    per_rule = {}
+    for rule in sh.rules:
+        u = Picked(atts, rule)
+        o, c = sh.picked[rule]["original"], sh.picked[rule]["control"]
+        nums = _rtt_numbers(o, u, c, sh.chance, slice(None), sh.n_boot, sh.seed + mi, True,
+                            sh.paired)  # fmt: skip
+        nums["retain_original_rtt"] = o.retain
+        nums["retain_unlearned_rtt"] = u.retain
+        nums["retain_control_rtt"] = c.retain if c is not None else None
+        nums["chosen"] = {
+            "original_rtt": o.chosen_dicts(),
+            "unlearned_rtt": u.chosen_dicts(),
+            "control_rtt": c.chosen_dicts() if c is not None else None,
+        }
+        per_rule[rule] = (nums, u)
+    return per_rule
+
+
+def _summary_entry(
+    sh: _Shared, method: str, atts: list[ModelAttack], mi: int, per_rule: dict[str, Any]
+) -> dict[str, Any]:
+    """One summary row: the method's numbers before RTT, after it (optimistic) and honest."""
+    u_before = _before(atts)
+    opt = per_rule["optimistic"][0]
+    return {
+        "dataset": sh.ds_name,
+        **sh.row_info,
+        "method": method,
+        "chance": sh.chance,
+        "n_folds": len(sh.fold_names),
+        "folds": sh.fold_names,
+        "n_questions": sh.n_questions,
+        "n_seeds": {
+            "unlearned": len(atts),
+            "original": len(sh.originals),
+            "control": len(sh.controls),
+        },
+        "replicates": sh.originals[0].replicates,
+        "selection": "optimistic",
+        "original": float(sh.o_before.mean()),
+        "original_ci": before_ci(sh.originals, sh.n_boot, sh.seed),
+        "unlearned": float(u_before.mean()),
+        "unlearned_ci": before_ci(atts, sh.n_boot, sh.seed + mi),
+        "control": float(sh.c_before.mean()) if sh.c_before is not None else None,
+        **{k: v for k, v in opt.items()},
+        "retain_original": _retain_before(sh.originals),
+        "retain_unlearned": _retain_before(atts),
+        "retain_control": _retain_before(sh.controls) if sh.controls else None,
+        "honest": per_rule["honest"][0] if "honest" in per_rule else None,
+    }
+
+
+def _fold_rows(
+    sh: _Shared, method: str, atts: list[ModelAttack], mi: int, per_rule: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per fold V: the method's numbers on V's questions, at the summary's choice."""
+    u_before = _before(atts)
+    rows = []
+    for fi, (v, sl) in enumerate(zip(sh.fold_names, sh.fold_slices, strict=True)):
+        row: dict[str, Any] = {
+            "dataset": sh.ds_name,
+            **sh.row_info,
+            "method": method,
+            "fold": v,
+            "t": list(atts[0].folds[fi].t),
+            "n_questions": sl.stop - sl.start,
+            "chance": chance_level(sh.originals[0].folds[fi].n_choices),
+            "original": float(sh.o_before[:, sl].mean()),
+            "unlearned": float(u_before[:, sl].mean()),
+            "control": float(sh.c_before[:, sl].mean()) if sh.c_before is not None else None,
+        }
+        for rule in sh.rules:
+            u = per_rule[rule][1]
+            o, c = sh.picked[rule]["original"], sh.picked[rule]["control"]
+            nums = _rtt_numbers(o, u, c, row["chance"], sl, sh.n_boot, sh.seed + mi, True,
+                                sh.paired)  # fmt: skip
+            nums["retain_original_rtt"] = o.fold_retain(fi)
+            nums["retain_unlearned_rtt"] = u.fold_retain(fi)
+            if rule == "optimistic":
+                row.update(nums)
+            else:
+                row["honest"] = nums
+        row.setdefault("honest", None)
+        rows.append(row)
+    return rows
+
+
+def _attack_records(
+    originals: list[ModelAttack],
+    controls: list[ModelAttack],
+    methods: Mapping[str, list[ModelAttack]],
+    ds_name: str,
+) -> list[dict[str, Any]]:
+    """Every attack's full record (curves, per-question correctness), labelled with its role."""
+    attacks = []
+    for role, atts in (("original", originals), ("control", controls)):
+        for i, a in enumerate(atts):
+            attacks.append({"role": role, "method": None, "seed_index": i, **a.to_dict()})
+    for m, atts in methods.items():
+        for i, a in enumerate(atts):
+            attacks.append({"role": "unlearned", "method": m, "seed_index": i, **a.to_dict()})
+    return [{**a, "dataset": ds_name} for a in attacks]  # the label, not the data dir
+
+
+def _shared(
+    originals: list[ModelAttack],
+    controls: list[ModelAttack],
+    methods: Mapping[str, list[ModelAttack]],
+    dataset: str | None,
+    info: Mapping[str, Any] | None,
+    n_boot: int,
+    seed: int,
+) -> _Shared:
+    """Check the attacks cover the same folds; the arms and settings every method's rows share."""
+    groups: dict[str, list[ModelAttack]] = {"original": originals}
+    if controls:
+        groups["control"] = controls
+    for m, atts in methods.items():
+        groups[f"unlearned:{m}"] = atts
+    fold_names, fold_sizes, paired = _check_aligned(groups)
+    ds_name = dataset or originals[0].dataset
+    row_info = {
+        "attack": (info or {}).get("attack") or "rtt",
+        "base_dataset": (info or {}).get("base_dataset") or ds_name,
+        "regime": (info or {}).get("regime") or "pretrained",
+        "train_splits": len(originals[0].folds[0].t),
+        "paired_seeds": paired,
+    }
+    offsets = np.cumsum([0, *fold_sizes])
+    has_holdout = any(p.holdout_acc is not None for a in originals for p in a.curve_points())
+    rules = ["optimistic"] + (["honest"] if has_holdout else [])
+    return _Shared(
+        ds_name=ds_name,
+        row_info=row_info,
+        originals=originals,
+        controls=controls,
+        fold_names=fold_names,
+        fold_slices=[slice(int(offsets[i]), int(offsets[i + 1])) for i in range(len(fold_sizes))],
+        n_questions=int(offsets[-1]),
+        chance=chance_level(originals[0].n_choices),
+        rules=rules,
+        picked={
+            rule: {
+                "original": Picked(originals, rule),
+                "control": Picked(controls, rule) if controls else None,
+            }
+            for rule in rules
+        },
+        o_before=_before(originals),
+        c_before=_before(controls) if controls else None,
+        n_boot=n_boot,
+        seed=seed,
+        paired=paired,
+    )
+
+
 def build_results(
     unlearned: Mapping[str, ModelAttack | Sequence[ModelAttack]],
     original: ModelAttack | Sequence[ModelAttack],
@@ -285,123 +466,25 @@ def build_results(
     originals, controls = _as_list(original), _as_list(control)
     if not originals:
         raise ValueError("build_results needs the original model's attack")
-    groups: dict[str, list[ModelAttack]] = {"original": originals}
-    if controls:
-        groups["control"] = controls
     methods = {m: _as_list(a) for m, a in unlearned.items()}
     for m, atts in methods.items():
         if not atts:
             raise ValueError(f"method {m!r} has no attack")
-        groups[f"unlearned:{m}"] = atts
-    fold_names, fold_sizes, paired = _check_aligned(groups)
-    ds_name = dataset or originals[0].dataset
-    row_info = {
-        "attack": (info or {}).get("attack") or "rtt",
-        "base_dataset": (info or {}).get("base_dataset") or ds_name,
-        "regime": (info or {}).get("regime") or "pretrained",
-        "train_splits": len(originals[0].folds[0].t),
-        "paired_seeds": paired,
-    }
-    chance = chance_level(originals[0].n_choices)
-    offsets = np.cumsum([0, *fold_sizes])
-    fold_slices = [slice(int(offsets[i]), int(offsets[i + 1])) for i in range(len(fold_sizes))]
-    has_holdout = any(p.holdout_acc is not None for a in originals for p in a.curve_points())
-    rules = ["optimistic"] + (["honest"] if has_holdout else [])
-    picked = {
-        rule: {
-            "original": Picked(originals, rule),
-            "control": Picked(controls, rule) if controls else None,
-        }
-        for rule in rules
-    }
-    o_before = _before(originals)
-    c_before = _before(controls) if controls else None
+    sh = _shared(originals, controls, methods, dataset, info, n_boot, seed)
 
     summary: list[dict[str, Any]] = []
     fold_rows: list[dict[str, Any]] = []
     for mi, (method, atts) in enumerate(methods.items()):
-        u_before = _before(atts)
-        per_rule = {}
-        for rule in rules:
-            u = Picked(atts, rule)
-            o, c = picked[rule]["original"], picked[rule]["control"]
-            nums = _rtt_numbers(o, u, c, chance, slice(None), n_boot, seed + mi, True, paired)
-            nums["retain_original_rtt"] = o.retain
-            nums["retain_unlearned_rtt"] = u.retain
-            nums["retain_control_rtt"] = c.retain if c is not None else None
-            nums["chosen"] = {
-                "original_rtt": o.chosen_dicts(),
-                "unlearned_rtt": u.chosen_dicts(),
-                "control_rtt": c.chosen_dicts() if c is not None else None,
-            }
-            per_rule[rule] = (nums, u)
-        opt = per_rule["optimistic"][0]
-        entry: dict[str, Any] = {
-            "dataset": ds_name,
-            **row_info,
-            "method": method,
-            "chance": chance,
-            "n_folds": len(fold_names),
-            "folds": fold_names,
-            "n_questions": int(offsets[-1]),
-            "n_seeds": {
-                "unlearned": len(atts),
-                "original": len(originals),
-                "control": len(controls),
-            },
-            "replicates": originals[0].replicates,
-            "selection": "optimistic",
-            "original": float(o_before.mean()),
-            "original_ci": before_ci(originals, n_boot, seed),
-            "unlearned": float(u_before.mean()),
-            "unlearned_ci": before_ci(atts, n_boot, seed + mi),
-            "control": float(c_before.mean()) if c_before is not None else None,
-            **{k: v for k, v in opt.items()},
-            "retain_original": _retain_before(originals),
-            "retain_unlearned": _retain_before(atts),
-            "retain_control": _retain_before(controls) if controls else None,
-            "honest": per_rule["honest"][0] if "honest" in per_rule else None,
-        }
-        summary.append(entry)
-        for fi, (v, sl) in enumerate(zip(fold_names, fold_slices, strict=True)):
-            row: dict[str, Any] = {
-                "dataset": ds_name,
-                **row_info,
-                "method": method,
-                "fold": v,
-                "t": list(atts[0].folds[fi].t),
-                "n_questions": sl.stop - sl.start,
-                "chance": chance_level(originals[0].folds[fi].n_choices),
-                "original": float(o_before[:, sl].mean()),
-                "unlearned": float(u_before[:, sl].mean()),
-                "control": float(c_before[:, sl].mean()) if c_before is not None else None,
-            }
-            for rule in rules:
-                u = per_rule[rule][1]
-                o, c = picked[rule]["original"], picked[rule]["control"]
-                nums = _rtt_numbers(o, u, c, row["chance"], sl, n_boot, seed + mi, True, paired)
-                nums["retain_original_rtt"] = o.fold_retain(fi)
-                nums["retain_unlearned_rtt"] = u.fold_retain(fi)
-                if rule == "optimistic":
-                    row.update(nums)
-                else:
-                    row["honest"] = nums
-            row.setdefault("honest", None)
-            fold_rows.append(row)
+        per_rule = _method_numbers(sh, atts, mi)
+        summary.append(_summary_entry(sh, method, atts, mi, per_rule))
+        fold_rows += _fold_rows(sh, method, atts, mi, per_rule)
 
-    attacks = []
-    for role, atts in (("original", originals), ("control", controls)):
-        for i, a in enumerate(atts):
-            attacks.append({"role": role, "method": None, "seed_index": i, **a.to_dict()})
-    for m, atts in methods.items():
-        for i, a in enumerate(atts):
-            attacks.append({"role": "unlearned", "method": m, "seed_index": i, **a.to_dict()})
     cfg = {
         "rtt": originals[0].config,
         "scoring": originals[0].scoring,
         "selection": {
             "scope": "shared across folds",
-            "rules": rules,
+            "rules": sh.rules,
             "min_epoch": 1,
             "tie_break": "smaller lr, then earlier epoch",
         },
@@ -410,17 +493,17 @@ def build_results(
     }
     from rtteval import __version__
 
-    return _clean(
+    return clean_json(
         {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "rtteval_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "datasets": [ds_name],
+            "datasets": [sh.ds_name],
             "config": cfg,
             "summary": summary,
             "folds": fold_rows,
-            "attacks": [{**a, "dataset": ds_name} for a in attacks],  # the label, not the data dir
+            "attacks": _attack_records(originals, controls, methods, sh.ds_name),
         }
     )
 
@@ -483,7 +566,8 @@ def attacks_of(results: Mapping[str, Any]) -> list[tuple[dict[str, Any], ModelAt
 # --------------------------------------------------------------------------- writing
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a table: ``digits`` decimals, "—" for None."""
     if x is None:
         return "—"
     if isinstance(x, float):
@@ -491,11 +575,12 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _fmt_ci(x: Any, ci: Any) -> str:
+def fmt_ci(x: Any, ci: Any) -> str:
+    """A number and its CI, ``0.512 [0.41, 0.60]``; without a CI, as :func:`fmt`."""
     if x is None:
         return "—"
     if ci is None or ci[0] is None:
-        return _fmt(x)
+        return fmt(x)
     return f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
@@ -541,7 +626,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table; cells are used as given."""
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -572,7 +658,7 @@ def _divergence_md(results: Mapping[str, Any]) -> list[str]:
             "(the choice of lr is shared across folds); the epochs it completed before diverging "
             "stay in results.json.",
             "",
-            _md_table(
+            md_table(
                 ["dataset", "model", "seed", "V", "lr", "epochs before", "what happened"], rows
             ),
         ]
@@ -590,7 +676,7 @@ def _divergence_md(results: Mapping[str, Any]) -> list[str]:
             "",
             "Unlearning grid points that diverged (never selected):",
             "",
-            _md_table(["method", "seed", "point", "what happened"], unl),
+            md_table(["method", "seed", "point", "what happened"], unl),
         ]
     return out
 
@@ -612,13 +698,6 @@ def _attacks_note(summary: Sequence[Mapping[str, Any]]) -> list[str]:
         after = "this attack's fine-tuning" if trains else "this attack at its best setting"
         out.append(f'- `{name}`: {title}; its "+RTT" columns are after {after}')
     return [*out, ""]
-
-
-#: Public names of the helpers other modules (findings.py) format results with.
-clean_json = _clean
-fmt = _fmt
-fmt_ci = _fmt_ci
-md_table = _md_table
 
 
 def _floor_sentences(summary: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -646,10 +725,9 @@ def _floor_sentences(summary: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def render_markdown(results: Mapping[str, Any]) -> str:
-    """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
+def _intro_md(results: Mapping[str, Any]) -> list[str]:
+    """Title, what the numbers mean, the control's floor in words, what is missing, other attacks."""
     s = results["summary"]
-    has_honest = any(e.get("honest") for e in s)
     has_control = any(e.get("control_rtt") is not None for e in s)
     out = [
         "# RTT report",
@@ -685,10 +763,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out += [f"- {m}" for m in run.get("missing") or ["(not recorded)"]]
         out.append("")
     out += _attacks_note(s)
-    out += [
-        "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
-        "",
-    ]
+    return out
+
+
+def _summary_md(results: Mapping[str, Any]) -> list[str]:
+    """The optimistic attacker's summary table, one row per (dataset, method)."""
     headers = [
         "dataset",
         "method",
@@ -702,37 +781,33 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "floor-adj.",
         "raw",
     ]
-    out.append(
-        _md_table(
-            headers,
-            [
-                [
-                    e["dataset"],
-                    e["method"],
-                    _fmt(e["chance"]),
-                    _fmt_ci(e["original"], e.get("original_ci")),
-                    _fmt_ci(e["unlearned"], e.get("unlearned_ci")),
-                    _fmt_ci(e["original_rtt"], e.get("original_rtt_ci")),
-                    _fmt_ci(e["unlearned_rtt"], e.get("unlearned_rtt_ci")),
-                    _fmt_ci(e["control_rtt"], e.get("control_rtt_ci")),
-                    _fmt_ci(e["recovery"], e.get("recovery_ci")),
-                    _fmt_ci(e.get("recovery_floor"), e.get("recovery_floor_ci")),
-                    _fmt_ci(e["recovery_raw"], e.get("recovery_raw_ci")),
-                ]
-                for e in s
-            ],
-        )
-    )
-    out += ["", "## Where the uncertainty comes from (optimistic attacker)", ""]
-    out.append(
-        "Bootstrap SD of each number when only the seeds are resampled (training noise: "
-        "pretraining, unlearning and RTT, and with `vary_with_seed` the world), only the folds, "
-        "questions and RTT replicates (which questions were asked; the attacker's choice "
-        "redone), and both (the CI above)."
-    )
-    out.append("")
+    rows = [
+        [
+            e["dataset"],
+            e["method"],
+            fmt(e["chance"]),
+            fmt_ci(e["original"], e.get("original_ci")),
+            fmt_ci(e["unlearned"], e.get("unlearned_ci")),
+            fmt_ci(e["original_rtt"], e.get("original_rtt_ci")),
+            fmt_ci(e["unlearned_rtt"], e.get("unlearned_rtt_ci")),
+            fmt_ci(e["control_rtt"], e.get("control_rtt_ci")),
+            fmt_ci(e["recovery"], e.get("recovery_ci")),
+            fmt_ci(e.get("recovery_floor"), e.get("recovery_floor_ci")),
+            fmt_ci(e["recovery_raw"], e.get("recovery_raw_ci")),
+        ]
+        for e in results["summary"]
+    ]
+    return [
+        "## Summary — optimistic attacker (paper: best V accuracy over lr × epoch)",
+        "",
+        md_table(headers, rows),
+    ]
+
+
+def _uncertainty_md(results: Mapping[str, Any]) -> list[str]:
+    """Bootstrap SDs from seeds alone, from questions alone, and both."""
     comp_rows = []
-    for e in s:
+    for e in results["summary"]:
         for key, label in (
             ("unlearned_rtt", "Unlearned+RTT"),
             ("recovery", "recovery"),
@@ -746,88 +821,105 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                         e["method"],
                         label,
                         str((e.get("n_seeds") or {}).get("unlearned", "—")),
-                        _fmt(c.get("sd_seeds")),
-                        _fmt(c.get("sd_questions")),
-                        _fmt(c.get("sd_total")),
+                        fmt(c.get("sd_seeds")),
+                        fmt(c.get("sd_questions")),
+                        fmt(c.get("sd_total")),
                     ]
                 )
-    out.append(
-        _md_table(
+    return [
+        "",
+        "## Where the uncertainty comes from (optimistic attacker)",
+        "",
+        "Bootstrap SD of each number when only the seeds are resampled (training noise: "
+        "pretraining, unlearning and RTT, and with `vary_with_seed` the world), only the folds, "
+        "questions and RTT replicates (which questions were asked; the attacker's choice "
+        "redone), and both (the CI above).",
+        "",
+        md_table(
             ["dataset", "method", "number", "seeds", "SD seeds", "SD questions", "SD total"],
             comp_rows,
-        )
-    )
-    out += ["", "## Side by side: optimistic vs honest attacker", ""]
-    if has_honest:
-        out.append(
-            "The honest attacker picks (lr, epoch) on a slice of T held out from RTT training "
-            "and is scored on V at that choice; V is never consulted."
-        )
-        out.append("")
-        rows = []
-        for e in s:
-            h = e.get("honest") or {}
-            rows.append(
-                [
-                    e["dataset"],
-                    e["method"],
-                    f"{_fmt(e['unlearned_rtt'])} / {_fmt(h.get('unlearned_rtt'))}",
-                    f"{_fmt(e['original_rtt'])} / {_fmt(h.get('original_rtt'))}",
-                    f"{_fmt(e['control_rtt'])} / {_fmt(h.get('control_rtt'))}",
-                    f"{_fmt_ci(e['recovery'], e.get('recovery_ci'))} / "
-                    f"{_fmt_ci(h.get('recovery'), h.get('recovery_ci'))}",
-                    f"{_fmt_ci(e.get('recovery_floor'), e.get('recovery_floor_ci'))} / "
-                    f"{_fmt_ci(h.get('recovery_floor'), h.get('recovery_floor_ci'))}",
-                ]
-            )
-        out.append(
-            _md_table(
-                [
-                    "dataset",
-                    "method",
-                    "Unlearned+RTT (opt / honest)",
-                    "Original+RTT (opt / honest)",
-                    "Control+RTT (opt / honest)",
-                    "recovery (opt / honest)",
-                    "floor-adj. (opt / honest)",
-                ],
-                rows,
-            )
-        )
-    else:
+        ),
+    ]
+
+
+def _side_by_side_md(results: Mapping[str, Any]) -> list[str]:
+    """Optimistic and honest attacker in one table, or why there is no honest one."""
+    s = results["summary"]
+    out = ["", "## Side by side: optimistic vs honest attacker", ""]
+    if not any(e.get("honest") for e in s):
         out.append(
             "No held-out slice of T (holdout_fraction = 0, the paper's protocol): "
             "only the optimistic attacker is reported."
         )
-    out += ["", "## Retain accuracy", ""]
+        return out
     out.append(
-        _md_table(
+        "The honest attacker picks (lr, epoch) on a slice of T held out from RTT training "
+        "and is scored on V at that choice; V is never consulted."
+    )
+    out.append("")
+    rows = []
+    for e in s:
+        h = e.get("honest") or {}
+        rows.append(
+            [
+                e["dataset"],
+                e["method"],
+                f"{fmt(e['unlearned_rtt'])} / {fmt(h.get('unlearned_rtt'))}",
+                f"{fmt(e['original_rtt'])} / {fmt(h.get('original_rtt'))}",
+                f"{fmt(e['control_rtt'])} / {fmt(h.get('control_rtt'))}",
+                f"{fmt_ci(e['recovery'], e.get('recovery_ci'))} / "
+                f"{fmt_ci(h.get('recovery'), h.get('recovery_ci'))}",
+                f"{fmt_ci(e.get('recovery_floor'), e.get('recovery_floor_ci'))} / "
+                f"{fmt_ci(h.get('recovery_floor'), h.get('recovery_floor_ci'))}",
+            ]
+        )
+    out.append(
+        md_table(
             [
                 "dataset",
                 "method",
-                "Original",
-                "Unlearned",
-                "Original+RTT",
-                "Unlearned+RTT",
-                "Control+RTT",
+                "Unlearned+RTT (opt / honest)",
+                "Original+RTT (opt / honest)",
+                "Control+RTT (opt / honest)",
+                "recovery (opt / honest)",
+                "floor-adj. (opt / honest)",
             ],
-            [
-                [
-                    e["dataset"],
-                    e["method"],
-                    _fmt(e.get("retain_original")),
-                    _fmt(e.get("retain_unlearned")),
-                    _fmt(e.get("retain_original_rtt")),
-                    _fmt(e.get("retain_unlearned_rtt")),
-                    _fmt(e.get("retain_control_rtt")),
-                ]
-                for e in s
-            ],
+            rows,
         )
     )
-    out += ["", "## Chosen hyperparameters", ""]
+    return out
+
+
+def _retain_md(results: Mapping[str, Any]) -> list[str]:
+    """Retain accuracy of every arm before and after RTT."""
+    rows = [
+        [
+            e["dataset"],
+            e["method"],
+            fmt(e.get("retain_original")),
+            fmt(e.get("retain_unlearned")),
+            fmt(e.get("retain_original_rtt")),
+            fmt(e.get("retain_unlearned_rtt")),
+            fmt(e.get("retain_control_rtt")),
+        ]
+        for e in results["summary"]
+    ]
+    headers = [
+        "dataset",
+        "method",
+        "Original",
+        "Unlearned",
+        "Original+RTT",
+        "Unlearned+RTT",
+        "Control+RTT",
+    ]
+    return ["", "## Retain accuracy", "", md_table(headers, rows)]
+
+
+def _chosen_md(results: Mapping[str, Any]) -> list[str]:
+    """The (lr, epoch) each attacker chose, per arm."""
     rows = []
-    for e in s:
+    for e in results["summary"]:
         for rule, block in (("optimistic", e), ("honest", e.get("honest"))):
             if not block:
                 continue
@@ -842,51 +934,50 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     _chosen_str(ch.get("control_rtt")),
                 ]
             )
-    out.append(
-        _md_table(
+    return [
+        "",
+        "## Chosen hyperparameters",
+        "",
+        md_table(
             ["dataset", "method", "selection", "Original+RTT", "Unlearned+RTT", "Control+RTT"], rows
-        )
-    )
-    out += _divergence_md(results)
-    out += ["", "## Per fold (optimistic selection)", ""]
-    out.append(
-        _md_table(
-            [
-                "dataset",
-                "method",
-                "V",
-                "n",
-                "Original",
-                "Unlearned",
-                "Original+RTT",
-                "Unlearned+RTT",
-                "Control+RTT",
-                "recovery",
-            ],
-            [
-                [
-                    f["dataset"],
-                    f["method"],
-                    f["fold"],
-                    str(f["n_questions"]),
-                    _fmt(f["original"]),
-                    _fmt(f["unlearned"]),
-                    _fmt(f["original_rtt"]),
-                    _fmt(f["unlearned_rtt"]),
-                    _fmt(f.get("control_rtt")),
-                    _fmt_ci(f["recovery"], f.get("recovery_ci")),
-                ]
-                for f in results.get("folds", [])
-            ],
-        )
-    )
-    out += ["", "## Provenance", ""]
-    out.append(
-        "Before every fold is trained on, `check_provenance` re-reads V from the dataset and "
-        "asserts that no V question text, fact id or subject occurs in any training text or in "
-        "the held-out slice; a violation aborts the run."
-    )
-    out.append("")
+        ),
+    ]
+
+
+def _per_fold_md(results: Mapping[str, Any]) -> list[str]:
+    """One row per fold V (optimistic selection)."""
+    rows = [
+        [
+            f["dataset"],
+            f["method"],
+            f["fold"],
+            str(f["n_questions"]),
+            fmt(f["original"]),
+            fmt(f["unlearned"]),
+            fmt(f["original_rtt"]),
+            fmt(f["unlearned_rtt"]),
+            fmt(f.get("control_rtt")),
+            fmt_ci(f["recovery"], f.get("recovery_ci")),
+        ]
+        for f in results.get("folds", [])
+    ]
+    headers = [
+        "dataset",
+        "method",
+        "V",
+        "n",
+        "Original",
+        "Unlearned",
+        "Original+RTT",
+        "Unlearned+RTT",
+        "Control+RTT",
+        "recovery",
+    ]
+    return ["", "## Per fold (optimistic selection)", "", md_table(headers, rows)]
+
+
+def _provenance_md(results: Mapping[str, Any]) -> list[str]:
+    """What each fold trained on, and that no V fact was in it (one row per distinct fold)."""
     prow = []
     seen = set()
     for rec in results.get("attacks", []):
@@ -913,23 +1004,32 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     "yes" if p.get("checked") else "no",
                 ]
             )
-    out.append(
-        _md_table(
-            [
-                "dataset",
-                "V",
-                "T",
-                "loss",
-                "train texts",
-                "held out",
-                "held-out isolated",
-                "dropped (T∩V text)",
-                "checked",
-            ],
-            prow,
-        )
-    )
-    out += [
+    headers = [
+        "dataset",
+        "V",
+        "T",
+        "loss",
+        "train texts",
+        "held out",
+        "held-out isolated",
+        "dropped (T∩V text)",
+        "checked",
+    ]
+    return [
+        "",
+        "## Provenance",
+        "",
+        "Before every fold is trained on, `check_provenance` re-reads V from the dataset and "
+        "asserts that no V question text, fact id or subject occurs in any training text or in "
+        "the held-out slice; a violation aborts the run.",
+        "",
+        md_table(headers, prow),
+    ]
+
+
+def _figures_and_config_md(results: Mapping[str, Any]) -> list[str]:
+    """The figures' links and the run's configuration as JSON."""
+    return [
         "",
         "## Figures",
         "",
@@ -944,7 +1044,26 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(out)
+
+
+#: report.md's sections in order; each takes the results dict and returns its lines.
+REPORT_SECTIONS: tuple[Callable[[Mapping[str, Any]], list[str]], ...] = (
+    _intro_md,
+    _summary_md,
+    _uncertainty_md,
+    _side_by_side_md,
+    _retain_md,
+    _chosen_md,
+    _divergence_md,
+    _per_fold_md,
+    _provenance_md,
+    _figures_and_config_md,
+)
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """report.md: summary tables (optimistic and honest side by side), folds, provenance, config."""
+    return "\n".join(line for section in REPORT_SECTIONS for line in section(results))
 
 
 def _plot_recovery(results: Mapping[str, Any], path: Path) -> None:
@@ -1073,7 +1192,7 @@ def write_report(
     """Write results.json (atomic), results.csv, results_folds.csv, report.md and the PNGs."""
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = _clean(dict(results))
+    results = clean_json(dict(results))
     paths = {
         "results.json": write_json_atomic(out / "results.json", results),
         "results.csv": write_text_atomic(out / "results.csv", _csv(results["summary"])),
@@ -1122,28 +1241,28 @@ def summary_table(results: Mapping[str, Any]) -> Any:
         t.add_column("unl+RTT honest", justify="right")
         t.add_column("recovery honest", justify="right")
     for e in results["summary"]:
-        rec = _fmt(e["recovery"], 2)
+        rec = fmt(e["recovery"], 2)
         if e.get("recovery_ci") and e["recovery_ci"][0] is not None:
             rec += f" [{e['recovery_ci'][0]:.2f},{e['recovery_ci'][1]:.2f}]"
         row = [
             e["dataset"],
             e["method"],
-            _fmt(e["original"]),
-            _fmt(e["unlearned"]),
-            _fmt(e["original_rtt"]),
-            _fmt(e["unlearned_rtt"]),
-            _fmt(e["control_rtt"]),
+            fmt(e["original"]),
+            fmt(e["unlearned"]),
+            fmt(e["original_rtt"]),
+            fmt(e["unlearned_rtt"]),
+            fmt(e["control_rtt"]),
             rec,
-            _fmt(e.get("recovery_floor"), 2)
+            fmt(e.get("recovery_floor"), 2)
             + (
                 f" [{e['recovery_floor_ci'][0]:.2f},{e['recovery_floor_ci'][1]:.2f}]"
                 if (e.get("recovery_floor_ci") or [None])[0] is not None
                 else ""
             ),
-            _fmt(e["recovery_raw"], 2),
+            fmt(e["recovery_raw"], 2),
         ]
         if has_honest:
             h = e.get("honest") or {}
-            row += [_fmt(h.get("unlearned_rtt")), _fmt(h.get("recovery"), 2)]
+            row += [fmt(h.get("unlearned_rtt")), fmt(h.get("recovery"), 2)]
         t.add_row(*row)
     return t

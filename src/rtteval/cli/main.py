@@ -156,7 +156,7 @@ def finetune(
     settings: settings_argument("grad_clip=null") = None,
 ) -> None:
     """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
-    from rtteval.stages.pretrain import FinetuneConfig, finetune_forget_facts
+    from rtteval.stages.finetune import FinetuneConfig, finetune_forget_facts
 
     cfg = apply_settings(
         FinetuneConfig,

@@ -310,42 +310,20 @@ def _check_duplicates(files: list[tuple[Path, list[MCQ]]], strict: bool) -> None
                 )
 
 
-def load_dataset(
-    path: str | Path,
-    *,
-    n_choices: int = 4,
-    strict_duplicates: bool = False,
-    distinct_choices: bool = False,
-) -> Dataset:
-    """Load and validate a dataset directory (or ``hf://owner/name[@rev]``).
-
-    ``n_choices`` is the number of choices every question must have (the
-    paper's datasets all have 4); ``mcq_*`` training text is exempt.
-    ``strict_duplicates`` rejects any question text found in two question
-    files, not only identical questions (see the module docstring for why the
-    default is looser: the released data repeats texts).  ``distinct_choices``
-    rejects a question that offers the same choice twice.
-
-    Raises :class:`~rtteval.errors.DataError` for any malformed input.
-    """
-    if n_choices < 2 or n_choices > len(LETTERS):
-        raise ConfigError(
-            f"must be between 2 and {len(LETTERS)}, got {n_choices}", field="n_choices"
-        )
-    root = resolve_dataset_path(path)
+def _list_dir(root: Path) -> list[Path]:
+    """The entries of a dataset directory, or one line saying why there are none."""
     if not root.exists():
         raise DataError("dataset directory does not exist", file=root)
     if not root.is_dir():
         raise DataError("not a directory (expected a dataset directory)", file=root)
-
     try:
-        entries = list(root.iterdir())
+        return list(root.iterdir())
     except OSError as e:  # an unreadable directory: one line, not a traceback
         raise DataError(f"cannot read directory: {e.strerror or e}", file=root) from None
-    manifest_path = root / MANIFEST
-    has_manifest = manifest_path in entries and manifest_path.is_file()
-    manifest = _load_manifest(manifest_path) if has_manifest else None
 
+
+def _classify_files(entries: list[Path]) -> tuple[dict[str, dict[str, Path]], dict[str, Path]]:
+    """Passage files by table and split name, and question files by name (the layout's table)."""
     passage_files: dict[str, dict[str, Path]] = {attr: {} for _, attr in PASSAGE_PREFIXES}
     question_files: dict[str, Path] = {}
     for file in entries:
@@ -359,7 +337,16 @@ def load_dataset(
         else:
             if stem == DEV or _is_question_file(file):
                 question_files[stem] = file
+    return passage_files, question_files
 
+
+def _forget_and_retain(
+    root: Path,
+    question_files: dict[str, Path],
+    manifest: dict[str, Any] | None,
+    manifest_path: Path,
+) -> tuple[list[str], list[str]]:
+    """Forget and retain question files, in natural order: the manifest's list, or by name."""
     forget_names = manifest.get("forget_splits") if manifest else None
     if forget_names is not None:
         for n in forget_names:
@@ -384,6 +371,54 @@ def load_dataset(
             + ")",
             file=root,
         )
+    return forget, retain
+
+
+def _load_passages(
+    passage_files: dict[str, dict[str, Path]],
+) -> dict[str, dict[str, list[Passage]]]:
+    """Every passage table (corpus, wrong_corpus, ...): split name -> passages."""
+    tables: dict[str, dict[str, list[Passage]]] = {}
+    for _, attr in PASSAGE_PREFIXES:
+        parse = _parse_mcq_text if attr == "mcq_text" else _parse_passage
+        tables[attr] = {}
+        for name in sorted(passage_files[attr], key=natural_key):
+            file = passage_files[attr][name]
+            if not name:
+                raise DataError("file name has no split name after the prefix", file=file)
+            tables[attr][name] = [parse(obj, file, line) for line, obj in _read_jsonl(file)]
+    return tables
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    n_choices: int = 4,
+    strict_duplicates: bool = False,
+    distinct_choices: bool = False,
+) -> Dataset:
+    """Load and validate a dataset directory (or ``hf://owner/name[@rev]``).
+
+    ``n_choices`` is the number of choices every question must have (the
+    paper's datasets all have 4); ``mcq_*`` training text is exempt.
+    ``strict_duplicates`` rejects any question text found in two question
+    files, not only identical questions (see the module docstring for why the
+    default is looser: the released data repeats texts).  ``distinct_choices``
+    rejects a question that offers the same choice twice.
+
+    Raises :class:`~rtteval.errors.DataError` for any malformed input.
+    """
+    if n_choices < 2 or n_choices > len(LETTERS):
+        raise ConfigError(
+            f"must be between 2 and {len(LETTERS)}, got {n_choices}", field="n_choices"
+        )
+    root = resolve_dataset_path(path)
+    entries = _list_dir(root)
+    manifest_path = root / MANIFEST
+    has_manifest = manifest_path in entries and manifest_path.is_file()
+    manifest = _load_manifest(manifest_path) if has_manifest else None
+    passage_files, question_files = _classify_files(entries)
+    forget, retain = _forget_and_retain(root, question_files, manifest, manifest_path)
 
     loaded = {
         n: _load_questions(question_files[n], n_choices, distinct_choices) for n in forget + retain
@@ -397,17 +432,7 @@ def load_dataset(
     if dev:
         order.append((question_files[DEV], dev))
     _check_duplicates(order, strict_duplicates)
-
-    tables: dict[str, dict[str, list[Passage]]] = {}
-    for _, attr in PASSAGE_PREFIXES:
-        parse = _parse_mcq_text if attr == "mcq_text" else _parse_passage
-        tables[attr] = {}
-        for name in sorted(passage_files[attr], key=natural_key):
-            file = passage_files[attr][name]
-            if not name:
-                raise DataError("file name has no split name after the prefix", file=file)
-            tables[attr][name] = [parse(obj, file, line) for line, obj in _read_jsonl(file)]
-
+    tables = _load_passages(passage_files)
     if not distinct_choices:
         _warn_ambiguous([q for n in forget + retain for q in loaded[n]] + list(dev))
 

@@ -219,10 +219,6 @@ class Method:
 # --------------------------------------------------------------------------- forward helpers
 
 
-#: Logits of a right-padded batch, with mask-derived position ids (the loop's own helper).
-forward_logits = batch_logits
-
-
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer blocks of a HF causal LM (Llama/Mistral/Qwen: ``model.model.layers``)."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -257,7 +253,7 @@ def layer_activations(model: torch.nn.Module, batch: Batch, layer: int) -> torch
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        forward_logits(model, batch)
+        batch_logits(model, batch)
     except _StopForward:
         pass
     finally:

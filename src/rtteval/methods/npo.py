@@ -19,11 +19,10 @@ from rtteval.methods.base import (
     Method,
     Trainable,
     UnlearnContext,
-    forward_logits,
     num,
 )
 from rtteval.methods.losses import npo_loss, sequence_logprobs
-from rtteval.training.losses import LossFn, nll_loss
+from rtteval.training.losses import LossFn, batch_logits, nll_loss
 
 
 @register("npo")
@@ -52,9 +51,9 @@ class NPO(Method):
 
         def loss_fn(model, batch):
             f = batch["forget"]
-            logp, _ = sequence_logprobs(forward_logits(model, f), f["labels"])
+            logp, _ = sequence_logprobs(batch_logits(model, f), f["labels"])
             with torch.no_grad():
-                ref_logp, _ = sequence_logprobs(forward_logits(ref, f), f["labels"])
+                ref_logp, _ = sequence_logprobs(batch_logits(ref, f), f["labels"])
             forget = npo_loss(logp, ref_logp, beta)
             retain = nll_loss(model, batch["retain"])
             logs = {"npo": float(forget.detach()), "retain_nll": float(retain.detach())}

@@ -15,11 +15,10 @@ from rtteval.methods.base import (
     Method,
     Trainable,
     UnlearnContext,
-    forward_logits,
     num,
 )
 from rtteval.methods.losses import sequence_logprobs, simnpo_loss
-from rtteval.training.losses import LossFn, nll_loss
+from rtteval.training.losses import LossFn, batch_logits, nll_loss
 
 
 @register("simnpo")
@@ -46,7 +45,7 @@ class SimNPO(Method):
 
         def loss_fn(model, batch):
             f = batch["forget"]
-            logp, n = sequence_logprobs(forward_logits(model, f), f["labels"])
+            logp, n = sequence_logprobs(batch_logits(model, f), f["labels"])
             forget = simnpo_loss(logp, n, beta, delta)
             retain = nll_loss(model, batch["retain"])
             logs = {"simnpo": float(forget.detach()), "retain_nll": float(retain.detach())}

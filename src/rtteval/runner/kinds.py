@@ -133,11 +133,11 @@ def finetune_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobO
     """Teach the model the dataset's facts first (the paper's Random Birthdays setup).
 
     The model is a hub model, or the tiny never-learned control pretrained
-    on the same world; :func:`rtteval.stages.pretrain.finetune_facts` trains it on
+    on the same world; :func:`rtteval.stages.finetune.finetune_facts` trains it on
     the forget facts (replaying retain text) until ``target_accuracy``.
     """
     from rtteval.data import load_dataset
-    from rtteval.stages.pretrain import FinetuneConfig, finetune_facts
+    from rtteval.stages.finetune import FinetuneConfig, finetune_facts
 
     data, _ = _data_dirs(config, deps)
     cfg = FinetuneConfig(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +66,160 @@ def build_study_results(
     return _study_results(plan, store, out_dir, n_boot=n_boot, study=study)[0]
 
 
+@dataclass
+class _Rows:
+    """The store's rows of the stages the report reads, by job key."""
+
+    attack: dict[str, Any]
+    select: dict[str, Any]
+    unlearn: dict[str, Any]
+
+
+def _done_folds(
+    groups: list[AttackGroup], rows: _Rows, out_dir: Path
+) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per attack group (by index), its finished folds' one-fold attacks."""
+    done: dict[int, dict[str, dict[str, Any]]] = {}  # group idx -> fold -> attack dict
+    for gi, g in enumerate(groups):
+        done[gi] = {}
+        for key, fold in zip(g.keys, g.folds, strict=True):
+            r = rows.attack.get(key)
+            if r is not None and r.status == "done":
+                a = _load_attack(out_dir, r.artifacts)
+                if a is not None:
+                    done[gi][fold] = a
+    return done
+
+
+def _unlearned_models(
+    dataset: str,
+    groups: list[AttackGroup],
+    rows: _Rows,
+    covered: Any,
+    model: Any,
+    missing: list[str],
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Each method whose every seed is complete, as merged attacks; and its selections.
+
+    A method with a seed whose unlearning selected no point, or whose folds are not all done,
+    is left out and named in ``missing``.
+    """
+    methods: dict[str, list[Any]] = defaultdict(list)
+    incomplete: set[str] = set()
+    selections: dict[str, list[Any]] = defaultdict(list)
+    for gi, g in enumerate(groups):
+        if g.role != "unlearned":
+            continue
+        srow = rows.select.get(g.select_key or "")
+        if srow is not None and srow.metrics is not None:
+            selections[g.label].append(
+                {"seed": g.seed, "status": srow.status, "selected": srow.metrics.get("selected"),
+                 "point": srow.metrics.get("point"), "note": srow.metrics.get("note"),
+                 "diverged": _diverged_points(srow.deps, rows.unlearn)}
+            )  # fmt: skip
+        if srow is not None and srow.status == "skipped":
+            incomplete.add(g.label)
+            n_div = len(_diverged_points(srow.deps, rows.unlearn))
+            missing.append(
+                f"{dataset}: {g.label} seed {g.seed}: no grid point selected "
+                f"({n_div} of {sum(k in rows.unlearn for k in srow.deps)} diverged)"
+            )
+        elif covered(gi):
+            methods[g.label].append(model(gi))
+        else:
+            incomplete.add(g.label)
+            missing.append(f"{dataset}: {g.label} seed {g.seed} (not every fold done)")
+    return {m: a for m, a in methods.items() if m not in incomplete}, selections
+
+
+def _dataset_results(
+    dataset: str,
+    groups: list[AttackGroup],
+    rows: _Rows,
+    out_dir: Path,
+    missing: list[str],
+    *,
+    n_boot: int,
+    study: str,
+) -> dict[str, Any] | None:
+    """One dataset's results dict from its done folds, or None; what is left out goes to ``missing``."""
+    from rtteval.analysis.report import build_results
+
+    done = _done_folds(groups, rows, out_dir)
+    originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
+    if not originals:
+        missing.append(f"{dataset}: the original model is not attacked (attacks[].controls: "
+                       "false), and recovery is measured against it")  # fmt: skip
+        return None
+    fold_order = groups[originals[0]].folds
+    # seeds run one after another: report the seeds whose original is complete
+    # rather than no fold at all while a later seed has not started
+    full = {groups[gi].seed for gi in originals if all(f in done[gi] for f in fold_order)}
+    if full and len(full) < len({groups[gi].seed for gi in originals}):
+        late = sorted({groups[gi].seed for gi in originals} - full)
+        missing.append(f"{dataset}: seed(s) {late} (the original is not done on every fold)")
+        keep = [gi for gi, g in enumerate(groups) if g.seed in full]
+        groups = [groups[gi] for gi in keep]
+        done = {i: done[gi] for i, gi in enumerate(keep)}
+        originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
+    common = [f for f in fold_order if all(f in done[gi] for gi in originals)]
+    if not common:
+        missing.append(f"{dataset}: no fold finished on the original model yet")
+        return None
+
+    def covered(gi: int) -> bool:
+        return all(f in done[gi] for f in common)
+
+    def model(gi: int) -> Any:
+        return _merge([done[gi][f] for f in common])
+
+    originals_m = [model(gi) for gi in originals]
+    controls = [gi for gi, g in enumerate(groups) if g.role == "control"]
+    controls_m = None
+    if controls and all(covered(gi) for gi in controls):
+        controls_m = [model(gi) for gi in controls]
+    elif controls:
+        missing.append(f"{dataset}: control (not every fold done)")
+    methods_ok, selections = _unlearned_models(dataset, groups, rows, covered, model, missing)
+    if not methods_ok:
+        missing.append(f"{dataset}: no method has finished attacks yet")
+        return None
+    all_folds = fold_order
+    if common != all_folds:
+        missing.append(f"{dataset}: folds {[f for f in all_folds if f not in common]}")
+    return build_results(
+        methods_ok,
+        originals_m,
+        controls_m,
+        dataset=dataset,
+        config={
+            "study": study,
+            "partial": bool(missing),
+            "missing": missing,
+            "selection": dict(selections),
+        },
+        n_boot=n_boot,
+        seed=min(g.seed for g in groups),
+        info={
+            "base_dataset": groups[0].base_dataset,
+            "regime": groups[0].regime,
+            "attack": groups[0].attack,
+        },  # fmt: skip
+    )
+
+
 def _study_results(
     plan: Plan, store: Store, out_dir: Path, *, n_boot: int, study: str
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """:func:`build_study_results`, and what every dataset (reported or not) is missing."""
-    from rtteval.analysis.report import build_results, merge_results
+    from rtteval.analysis.report import merge_results
 
     per_dataset_missing: list[list[str]] = []
-    rows = {r.key: r for r in store.rows(stage="attack")}
-    select_rows = {r.key: r for r in store.rows(stage="select")}
-    unlearn_rows = {r.key: r for r in store.rows(stage="unlearn")}
+    rows = _Rows(
+        attack={r.key: r for r in store.rows(stage="attack")},
+        select={r.key: r for r in store.rows(stage="select")},
+        unlearn={r.key: r for r in store.rows(stage="unlearn")},
+    )
     per_dataset: dict[str, list[Any]] = defaultdict(list)
     for g in plan.groups:
         per_dataset[g.dataset].append(g)
@@ -84,102 +228,9 @@ def _study_results(
     for dataset, groups in per_dataset.items():
         missing: list[str] = []
         per_dataset_missing.append(missing)  # filled below, whether or not the dataset reports
-        done: dict[int, dict[str, dict[str, Any]]] = {}  # group idx -> fold -> attack dict
-        for gi, g in enumerate(groups):
-            done[gi] = {}
-            for key, fold in zip(g.keys, g.folds, strict=True):
-                r = rows.get(key)
-                if r is not None and r.status == "done":
-                    a = _load_attack(out_dir, r.artifacts)
-                    if a is not None:
-                        done[gi][fold] = a
-        originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
-        if not originals:
-            missing.append(f"{dataset}: the original model is not attacked (attacks[].controls: "
-                           "false), and recovery is measured against it")  # fmt: skip
-            continue
-        fold_order = groups[originals[0]].folds
-        # seeds run one after another: report the seeds whose original is complete
-        # rather than no fold at all while a later seed has not started
-        full = {groups[gi].seed for gi in originals if all(f in done[gi] for f in fold_order)}
-        if full and len(full) < len({groups[gi].seed for gi in originals}):
-            late = sorted({groups[gi].seed for gi in originals} - full)
-            missing.append(f"{dataset}: seed(s) {late} (the original is not done on every fold)")
-            keep = [gi for gi, g in enumerate(groups) if g.seed in full]
-            groups = [groups[gi] for gi in keep]
-            done = {i: done[gi] for i, gi in enumerate(keep)}
-            originals = [gi for gi, g in enumerate(groups) if g.role == "original"]
-        common = [f for f in fold_order if all(f in done[gi] for gi in originals)]
-        if not common:
-            missing.append(f"{dataset}: no fold finished on the original model yet")
-            continue
-
-        def covered(gi: int, common: list[str] = common, done: dict = done) -> bool:
-            return all(f in done[gi] for f in common)
-
-        def model(gi: int, common: list[str] = common, done: dict = done) -> Any:
-            return _merge([done[gi][f] for f in common])
-
-        originals_m = [model(gi) for gi in originals]
-        controls = [gi for gi, g in enumerate(groups) if g.role == "control"]
-        controls_m = None
-        if controls and all(covered(gi) for gi in controls):
-            controls_m = [model(gi) for gi in controls]
-        elif controls:
-            missing.append(f"{dataset}: control (not every fold done)")
-        methods: dict[str, list[Any]] = defaultdict(list)
-        incomplete: set[str] = set()
-        selections: dict[str, list[Any]] = defaultdict(list)
-        for gi, g in enumerate(groups):
-            if g.role != "unlearned":
-                continue
-            srow = select_rows.get(g.select_key or "")
-            if srow is not None and srow.metrics is not None:
-                selections[g.label].append(
-                    {"seed": g.seed, "status": srow.status, "selected": srow.metrics.get("selected"),
-                     "point": srow.metrics.get("point"), "note": srow.metrics.get("note"),
-                     "diverged": _diverged_points(srow.deps, unlearn_rows)}
-                )  # fmt: skip
-            if srow is not None and srow.status == "skipped":
-                incomplete.add(g.label)
-                n_div = len(_diverged_points(srow.deps, unlearn_rows))
-                missing.append(
-                    f"{dataset}: {g.label} seed {g.seed}: no grid point selected "
-                    f"({n_div} of {sum(k in unlearn_rows for k in srow.deps)} diverged)"
-                )
-            elif covered(gi):
-                methods[g.label].append(model(gi))
-            else:
-                incomplete.add(g.label)
-                missing.append(f"{dataset}: {g.label} seed {g.seed} (not every fold done)")
-        methods_ok = {m: a for m, a in methods.items() if m not in incomplete}
-        if not methods_ok:
-            missing.append(f"{dataset}: no method has finished attacks yet")
-            continue
-        all_folds = fold_order
-        if common != all_folds:
-            missing.append(f"{dataset}: folds {[f for f in all_folds if f not in common]}")
-        results.append(
-            build_results(
-                methods_ok,
-                originals_m,
-                controls_m,
-                dataset=dataset,
-                config={
-                    "study": study,
-                    "partial": bool(missing),
-                    "missing": missing,
-                    "selection": dict(selections),
-                },
-                n_boot=n_boot,
-                seed=min(g.seed for g in groups),
-                info={
-                    "base_dataset": groups[0].base_dataset,
-                    "regime": groups[0].regime,
-                    "attack": groups[0].attack,
-                },  # fmt: skip
-            )
-        )
+        res = _dataset_results(dataset, groups, rows, out_dir, missing, n_boot=n_boot, study=study)
+        if res is not None:
+            results.append(res)
     all_missing = [m for ms in per_dataset_missing for m in ms]
     if not results:
         return None, all_missing

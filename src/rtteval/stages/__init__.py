@@ -1,1 +1,1 @@
-"""The stages that make and change models: pretraining (and fine-tune-first) and unlearning."""
+"""The stages that make and change models: pretraining, fine-tune-first and unlearning."""

@@ -16,17 +16,15 @@ import torch
 
 from rtteval.atomic import write_json_atomic
 from rtteval.data import Dataset, Passage, load_dataset
-from rtteval.errors import ConfigError
 from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
 from rtteval.models.loading import write_model_files
 from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
-from rtteval.stages.settings import FinetuneConfig, PretrainConfig
+from rtteval.stages.settings import PretrainConfig
 from rtteval.training.batching import encode_texts, make_batches
 from rtteval.training.config import TrainConfig
 from rtteval.training.loop import train
 from rtteval.training.losses import lm_loss_fn
-from rtteval.training.precision import cast_for_precision
 
 
 def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
@@ -64,7 +62,7 @@ def pretraining_passages(dataset: Dataset, exclude_forget: bool) -> list[Passage
     return [p for n in names for p in dataset.corpus[n]]
 
 
-def _fact_evaluator(tokenizer, forget_q, retain_q, scoring: ScoringConfig):
+def fact_evaluator(tokenizer, forget_q, retain_q, scoring: ScoringConfig):
     """Forget and (held-out) retain accuracy: what pretraining and fine-tuning stop on."""
 
     def evaluate(m: torch.nn.Module) -> dict[str, Any]:
@@ -130,7 +128,7 @@ def pretrain(
             cache[key], cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed * 100003 + epoch
         )
 
-    evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
+    evaluate = fact_evaluator(tokenizer, forget_q, retain_q, scoring)
 
     def stop(row: dict[str, Any]) -> bool:
         keys = ["retain_acc"] if cfg.exclude_forget else ["forget_acc", "retain_acc"]
@@ -149,7 +147,7 @@ def pretrain(
         eval_every_epochs=cfg.eval_every_epochs,
         precision=cfg.precision,
     )
-    return _learn_and_save(
+    return learn_and_save(
         model,
         tokenizer,
         batches,
@@ -171,7 +169,7 @@ def pretrain(
     )
 
 
-def _learn_and_save(
+def learn_and_save(
     model: torch.nn.Module,
     tokenizer: Any,
     batches: Any,
@@ -230,120 +228,3 @@ def _learn_and_save(
         write_model_files(model, tokenizer, stage)
         write_json_atomic(stage / "pretrain.json", metrics)
     return metrics
-
-
-def finetune_facts(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    dataset: Dataset,
-    out_dir: str | Path,
-    cfg: FinetuneConfig | None = None,
-    *,
-    progress: bool = True,
-    metrics: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``dataset``'s forget facts until known; save it to ``out_dir``.
-
-    The one fine-tune-first implementation: ``rtteval finetune`` and the
-    runner's ``finetune`` job both call it.  Returns the metrics written to
-    ``out_dir/pretrain.json`` (``before``/after accuracies, ``status``).
-    """
-    from rtteval.attacks.folds import TrainItem
-    from rtteval.attacks.relearn import encode_items
-    from rtteval.scoring import format_mcq
-
-    cfg = cfg or FinetuneConfig()
-    if cfg.loss not in ("corpus", "mcq_answer"):
-        raise ConfigError(f"must be 'corpus' or 'mcq_answer', got {cfg.loss!r}", field="loss")
-    forget_texts = [p.text for n in dataset.splits for p in dataset.corpus.get(n, [])]
-    if cfg.loss == "mcq_answer" or not forget_texts:
-        forget_texts = [format_mcq(q, with_answer=True) for q in dataset.questions()]
-    replay = [p.text for n in dataset.corpus if n not in dataset.splits for p in dataset.corpus[n]]
-    rng = random.Random(cfg.seed)
-    scoring = scoring_for(dataset)
-    forget_q = dataset.questions()
-    r_name = retain_eval_name(dataset)
-    retain_q = dataset.retain[r_name] if r_name else []
-    forget_masks: list[list[int]] | None = None
-    if cfg.loss == "mcq_answer":
-        items = [
-            TrainItem(
-                format_mcq(q, with_answer=True), "", "", prompt=format_mcq(q), source=q.source
-            )
-            for q in dataset.questions()
-        ]
-        forget_ids, forget_masks = encode_items(tokenizer, items)
-    else:
-        forget_ids = encode_texts(tokenizer, forget_texts)
-    replay_ids = encode_texts(tokenizer, replay)
-    n_replay = min(len(replay_ids), int(round(cfg.replay_ratio * len(forget_ids))))
-
-    def batches(epoch: int):
-        r = random.Random(cfg.seed * 7919 + epoch)
-        extra = r.sample(replay_ids, n_replay)
-        masks = None if forget_masks is None else forget_masks + [[1] * len(s) for s in extra]
-        return make_batches(
-            forget_ids + extra, cfg.batch_size, tokenizer.pad_token_id,
-            seed=rng.randrange(2**31), loss_masks=masks,
-        )  # fmt: skip
-
-    evaluate = _fact_evaluator(tokenizer, forget_q, retain_q, scoring)
-    target = cfg.target_accuracy
-
-    def stop(row: dict[str, Any]) -> bool:
-        return target is not None and all(v >= target for k, v in row.items() if k.endswith("_acc"))
-
-    cast_for_precision(model, cfg.precision)  # "before" is measured in the dtype that trains
-    before = evaluate(model)
-    tcfg = TrainConfig(
-        lr=cfg.lr,
-        epochs=cfg.max_epochs,
-        optimizer=cfg.optimizer,  # type: ignore[arg-type]
-        warmup_steps=cfg.warmup_steps,
-        grad_clip=cfg.grad_clip,
-        seed=cfg.seed,
-        eval_every_epochs=cfg.eval_every_epochs,
-        precision=cfg.precision,
-    )
-    return _learn_and_save(
-        model,
-        tokenizer,
-        batches,
-        tcfg,
-        evaluate,
-        stop,
-        label="fine-tune forget facts",
-        progress=progress,
-        out_dir=out_dir,
-        overwrite=overwrite,
-        metrics={
-            **(metrics or {}),
-            "kind": "finetuned",
-            "config": cfg.model_dump(),
-            "before": before,
-        },
-    )
-
-
-def finetune_forget_facts(
-    base_dir: str | Path,
-    data_dir: str | Path,
-    out_dir: str | Path,
-    cfg: FinetuneConfig | None = None,
-    *,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """:func:`finetune_facts` on a model and dataset read from disk (``rtteval finetune``)."""
-    from rtteval.models import load_model
-
-    check_output(out_dir, overwrite=overwrite, kind="model")
-
-    model, tokenizer = load_model(
-        base_dir, device="cpu" if not torch.cuda.is_available() else "auto"
-    )
-    return finetune_facts(
-        model, tokenizer, load_dataset(data_dir), out_dir, cfg, progress=progress,
-        metrics={"base": str(base_dir), "data": str(data_dir)}, overwrite=overwrite,
-    )  # fmt: skip

@@ -55,7 +55,7 @@ from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.stages.pretrain import scoring_for
 from rtteval.training.batching import Batch, encode_texts, make_batches
 from rtteval.training.config import TrainConfig
-from rtteval.training.loop import train
+from rtteval.training.loop import DivergenceHook, train
 from rtteval.training.precision import cast_for_precision, check_precision
 
 #: UnlearnConfig fields that a method's per-scale defaults fill when left as None.
@@ -380,6 +380,49 @@ def make_reference(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
+def _train_config(rcfg: UnlearnConfig, *, eval_at_start: bool) -> TrainConfig:
+    """The loop's settings for a resolved unlearning config (method defaults filled in)."""
+    return TrainConfig(
+        lr=float(rcfg.lr),
+        epochs=int(rcfg.epochs or 1),
+        max_steps=rcfg.max_steps,
+        optimizer=rcfg.optimizer or "adamw",
+        adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
+        betas=rcfg.adam_betas or TrainConfig.betas,
+        weight_decay=rcfg.weight_decay,
+        warmup_steps=rcfg.warmup_steps or 0,
+        schedule=rcfg.schedule,
+        grad_clip=None if rcfg.grad_clip == "auto" else rcfg.grad_clip,
+        seed=rcfg.seed,
+        eval_every_steps=rcfg.eval_every_steps,
+        eval_every_epochs=None,
+        eval_at_start=eval_at_start,
+        precision=rcfg.precision,
+    )
+
+
+def _exploding_loss(rcfg: UnlearnConfig) -> DivergenceHook:
+    """The loop's divergence hook for one run: |loss| above ``max_loss_ratio`` x the first
+    |loss| (at least 100), or above ``max_loss``, ends it as diverged with this reason."""
+    first: list[float] = []
+
+    def diverged(value: float) -> str | None:
+        if not first:
+            first.append(max(abs(value), 100.0))
+        limit = rcfg.max_loss_ratio * first[0]
+        if rcfg.max_loss is not None:
+            limit = min(limit, rcfg.max_loss)
+        if abs(value) <= limit:
+            return None
+        return (
+            f"|loss| {value:.4g} exceeded {limit:.4g} "
+            f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first[0]:.4g}"
+            + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
+        )
+
+    return diverged
+
+
 def unlearn(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -423,41 +466,10 @@ def unlearn(
         state["logs"] = logs
         return loss, logs
 
-    def diverged(value: float) -> str | None:
-        """An exploding |loss|: above ``max_loss_ratio`` x the first one (at least 100), or ``max_loss``."""
-        first = state.setdefault("first_loss", max(abs(value), 100.0))
-        limit = rcfg.max_loss_ratio * first
-        if rcfg.max_loss is not None:
-            limit = min(limit, rcfg.max_loss)
-        if abs(value) <= limit:
-            return None
-        return (
-            f"|loss| {value:.4g} exceeded {limit:.4g} "
-            f"(max_loss_ratio {rcfg.max_loss_ratio:g} x first |loss| {first:.4g}"
-            + (f", max_loss {rcfg.max_loss:g})" if rcfg.max_loss is not None else ")")
-        )
-
     def stop(row: dict[str, Any]) -> bool:
         target = rcfg.target_forget_acc
         return target is not None and row["forget_acc"] <= target
 
-    tcfg = TrainConfig(
-        lr=float(rcfg.lr),
-        epochs=int(rcfg.epochs or 1),
-        max_steps=rcfg.max_steps,
-        optimizer=rcfg.optimizer or "adamw",
-        adam_eps=rcfg.adam_eps if rcfg.adam_eps is not None else TrainConfig.adam_eps,
-        betas=rcfg.adam_betas or TrainConfig.betas,
-        weight_decay=rcfg.weight_decay,
-        warmup_steps=rcfg.warmup_steps or 0,
-        schedule=rcfg.schedule,
-        grad_clip=None if rcfg.grad_clip == "auto" else rcfg.grad_clip,
-        seed=rcfg.seed,
-        eval_every_steps=rcfg.eval_every_steps,
-        eval_every_epochs=None,
-        eval_at_start=before is None,
-        precision=rcfg.precision,
-    )
     if before is not None and stop(before):
         return UnlearnResult(
             method=method.name,
@@ -481,12 +493,12 @@ def unlearn(
         model,
         batches,
         logged,
-        tcfg,
+        _train_config(rcfg, eval_at_start=before is None),
         evaluate=lambda m: evaluate_unlearning(m, tokenizer, prep),
         stop=stop,
         trainable=trainable,
         progress=f"unlearn {method.name}" if progress else None,
-        diverged=diverged,
+        diverged=_exploding_loss(rcfg),
     )
     history = list(result.history)
     if before is None:

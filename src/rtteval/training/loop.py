@@ -105,6 +105,25 @@ def _trainable_params(
     return params
 
 
+def _prepare(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    trainable: Callable[[str], bool] | None,
+    device: torch.device,
+) -> tuple[str, list[list[torch.Tensor]], list[float], list[torch.nn.Module]]:
+    """The resolved precision; per member: its parameter group, lr and model to evaluate.
+
+    A plain model is one member at ``cfg.lr``, cast to the precision's dtype first.
+    """
+    if isinstance(model, LrGrid):
+        if trainable is not None:
+            raise ConfigError("an LrGrid trains all parameters; trainable is not supported")
+        precision = resolve_precision(cfg.precision, device)
+        return precision, model.param_groups(precision), model.lrs, list(model.members)
+    precision = cast_for_precision(model, cfg.precision)
+    return precision, [_trainable_params(model, trainable)], [cfg.lr], [model]
+
+
 def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """``max_steps``, capped by ``epochs`` passes when both are set; else ``epochs`` passes."""
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -279,14 +298,7 @@ def train(
     grid = model if isinstance(model, LrGrid) else None
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
-    if grid is not None:
-        if trainable is not None:
-            raise ConfigError("an LrGrid trains all parameters; trainable is not supported")
-        precision = resolve_precision(cfg.precision, device)
-        groups, lrs, models = grid.param_groups(precision), grid.lrs, list(grid.members)
-    else:
-        precision = cast_for_precision(model, cfg.precision)
-        groups, lrs, models = [_trainable_params(model, trainable)], [cfg.lr], [model]
+    precision, groups, lrs, models = _prepare(model, cfg, trainable, device)
     opt = make_optimizer([{"params": g} for g in groups], cfg, compensate=PRECISIONS[precision][1])
     lost = [lost_update_warnings(g, [lr], precision) for g, lr in zip(groups, lrs, strict=True)]
     for msg in {m for ms in lost for m in ms}:
