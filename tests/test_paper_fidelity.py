@@ -64,7 +64,7 @@ def _resolved(check: dict[str, Any]) -> list[Any]:
         vals = [asdict(RTTConfig.paper())[field]]
         return vals + [_rtt(_study(s)).resolved(seed=0)[field] for s in stems]
     if at == "finetune":
-        vals = [asdict(FinetuneConfig.paper())[field]]
+        vals = [FinetuneConfig.paper().model_dump()[field]]
         studies = [_study(s) for s in stems]
         ft = [
             s.finetune.resolved(tiny=False)

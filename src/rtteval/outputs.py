@@ -238,6 +238,11 @@ class ResumableOutput:
         # with overwrite, the earlier output goes when the first new piece is ready, not before
         self._stale = overwrite and marker is not None
 
+    @property
+    def entries(self) -> frozenset[str]:
+        """The top-level entries the marker says rtteval wrote."""
+        return frozenset(self._entries)
+
     def open(self) -> Path:
         """Create the directory (if needed) and its marker; returns its absolute path."""
         self.path.mkdir(parents=True, exist_ok=True)

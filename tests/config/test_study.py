@@ -85,6 +85,18 @@ def test_good_config_resolves_paths_and_overrides(tmp_path: Path, monkeypatch) -
             r"study.yaml:10: field 'methods.0': Value error, grid: method 'gd' has no setting 'bogus'",
         ),
         (("  lrs: [1.0e-3]\n", "  lrs: [1.0e-3\n"), r"study.yaml:16: invalid YAML"),
+        (
+            ("methods:\n  - name: gd\n    grid:\n      lr: [1.0e-3, 3.0e-3]\n", ""),
+            r"study.yaml: field 'methods': give at least one method (or 'unlearned' models",
+        ),
+        (
+            ("methods:\n", "unlearned:\n  - {label: control, path: .}\nmethods:\n"),
+            r"study.yaml:10: field 'unlearned.0.label': 'control' names another arm",
+        ),
+        (
+            ("methods:\n", "unlearned:\n  - {label: x, path: no/such/model}\nmethods:\n"),
+            r"study.yaml:10: field 'unlearned.0.path': unlearned model directory does not exist",
+        ),
     ],
 )
 def test_bad_configs_are_one_line_exit_2(tmp_path: Path, cli, edit, expect) -> None:

@@ -20,10 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
-from rtteval.attacks.base import AttackConfig
 from rtteval.attacks.folds import Fold, TrainItem, question_id
 from rtteval.attacks.records import EpochEval, FoldAttack, ModelAttack, RunResult, StepEval
 from rtteval.data.types import MCQ, Dataset
@@ -36,17 +34,6 @@ from rtteval.training.grid import LrGrid, grid_unsupported
 from rtteval.training.loop import TrainResult, train
 from rtteval.training.losses import lm_loss_fn
 from rtteval.training.precision import cast_for_precision, cast_parameters
-
-
-class RelearnSpec(AttackConfig):
-    """The settings every fine-tuning attack (RTT, LoRA-RTT, retain-only) declares once, here.
-
-    ``eval_every_steps``: also evaluate V every k optimizer steps, for the
-    budget curves (docs/attacks.md); ``None`` (default): per epoch only, as
-    the paper, so the default costs nothing extra.
-    """
-
-    eval_every_steps: int | None = Field(None, ge=1)
 
 
 class RelearnSettings(Protocol):

@@ -23,12 +23,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
-from rtteval.attacks.relearn import RelearnSpec
+from rtteval.attacks.rtt import rtt_fields
 
 if TYPE_CHECKING:
     from rtteval.attacks.folds import Fold
@@ -39,7 +39,18 @@ if TYPE_CHECKING:
 RETAIN = "retain"
 
 
-class RetainRelearnConfig(RelearnSpec):
+#: RTT's training grid, declared once in RTTConfig (types, ranges, defaults).
+_RetainFields = create_model(
+    "_RetainFields",
+    __base__=AttackConfig,
+    **rtt_fields(
+        "lrs", "epochs", "batch_size", "optimizer", "weight_decay", "grad_clip", "warmup_steps",
+        "retain_eval", "replicates", "eval_every_steps",
+    ),
+)  # fmt: skip
+
+
+class RetainRelearnConfig(_RetainFields):  # type: ignore[misc,valid-type]
     """Retain-only relearning in a study's ``attacks:``: the fine-tuning grid, as RTT's.
 
     ``max_texts`` caps the retain texts (a seeded sample; ``None``: all), e.g.
@@ -47,16 +58,7 @@ class RetainRelearnConfig(RelearnSpec):
     """
 
     name: Literal["retain_relearn"] = "retain_relearn"
-    lrs: list[Annotated[float, Field(gt=0)]] = Field([3e-4, 1e-3, 3e-3], min_length=1)
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(16, ge=1)
-    optimizer: Literal["adamw", "lion"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    retain_eval: Literal["epoch", "end", "none"] = "epoch"
     max_texts: int | None = Field(None, ge=1)
-    replicates: int = Field(1, ge=1)
 
     title: ClassVar[str] = "retain-only relearning: fine-tune on retain text only, measure V"
 

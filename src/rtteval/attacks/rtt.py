@@ -26,12 +26,13 @@ caller gets its model back unchanged and nothing is reloaded from disk.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
@@ -44,7 +45,7 @@ from rtteval.attacks.folds import (
     resolve_loss,
 )
 from rtteval.attacks.records import ModelAttack
-from rtteval.attacks.relearn import RelearnSpec, relearn
+from rtteval.attacks.relearn import relearn
 from rtteval.config.study import LocatedError, Precision
 from rtteval.data.types import MCQ, Dataset
 from rtteval.errors import ConfigError, UserError
@@ -87,27 +88,31 @@ class RTTConfig:
       for selection and kept apart in the results.  Left out of
       :meth:`to_dict` at 1, so existing results and job keys stay the same.
     * ``eval_every_steps``: also evaluate V every k optimizer steps (the
-      budget curves, :class:`rtteval.attacks.relearn.RelearnSpec`); left out
+      budget curves, docs/attacks.md; every fine-tuning attack takes it from here); left out
       of :meth:`to_dict` when ``None``, as ``replicates`` at 1.
     """
 
-    lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    epochs: int = 5
-    batch_size: int = 16
+    # Each field's type and range is declared here once: a study's ``attacks: [{name: rtt}]``
+    # entry (:class:`RTTSpec`) and ``rtteval attack`` take them from these annotations.
+    lrs: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = field(
+        default_factory=lambda: [3e-4, 1e-3, 3e-3]
+    )
+    epochs: Annotated[int, Field(ge=1)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 16
     optimizer: Literal["adamw", "lion"] = "adamw"
     loss: LossKind = "auto"
     folds: list[str] | None = None
-    holdout_fraction: float = 0.2
+    holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     overlap: Literal["drop", "error"] = "drop"
     retain_eval: Literal["epoch", "end", "none"] = "epoch"
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    warmup_steps: int = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
     train_splits: int | None = None
     seed: int = 0
     precision: Precision = "auto"
-    replicates: int = 1
-    eval_every_steps: int | None = None
+    replicates: Annotated[int, Field(ge=1)] = 1
+    eval_every_steps: Annotated[int, Field(ge=1)] | None = None
 
     @classmethod
     def paper(cls, **overrides: Any) -> RTTConfig:
@@ -183,9 +188,43 @@ class RTTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class RTTSpec(RelearnSpec):
+def _optional_fields(cfg_type: type, skip: set[str]) -> dict[str, Any]:
+    """``cfg_type``'s fields with their declared types and ranges, each optional (unset: None)."""
+    hints = typing.get_type_hints(cfg_type, include_extras=True)
+    return {f.name: (hints[f.name] | None, None) for f in fields(cfg_type) if f.name not in skip}
+
+
+def rtt_fields(*names: str) -> dict[str, Any]:
+    """RTTConfig's fields ``names`` with their types, ranges and defaults, for ``create_model``.
+
+    Another relearning attack (``retain_relearn``) takes RTT's training grid
+    from here rather than declaring it again.
+    """
+    hints = typing.get_type_hints(RTTConfig, include_extras=True)
+    by_name = {f.name: f for f in fields(RTTConfig)}
+    out: dict[str, Any] = {}
+    for n in names:
+        f = by_name[n]
+        if f.default_factory is not MISSING:
+            out[n] = (hints[n], Field(default_factory=f.default_factory))
+        else:
+            out[n] = (hints[n], f.default)
+    return out
+
+
+#: RTTConfig's settings as optional fields of an ``attacks:`` entry (declared once, in RTTConfig).
+_RTTFields = create_model(
+    "_RTTFields",
+    __base__=AttackConfig,
+    paper=(bool, False),
+    **_optional_fields(RTTConfig, skip={"folds", "train_splits", "seed", "precision"}),
+)
+
+
+class RTTSpec(_RTTFields):  # type: ignore[misc,valid-type]
     """RTT in a study's ``attacks:``; unset fields take :class:`RTTConfig`'s defaults.
 
+    The fields are :class:`RTTConfig`'s (with their ranges), each optional.
     ``paper: true`` starts from the paper's 8B setting (``RTTConfig.paper()``,
     docs/paper-fidelity.md) before the explicit fields apply; ``grad_clip:
     null`` written out turns clipping off.  One attack job runs per (model,
@@ -193,19 +232,6 @@ class RTTSpec(RelearnSpec):
     """
 
     name: Literal["rtt"] = "rtt"
-    paper: bool = False
-    lrs: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    optimizer: Literal["adamw", "lion"] | None = None
-    loss: LossKind | None = None
-    holdout_fraction: float | None = Field(None, ge=0, lt=1)
-    overlap: Literal["drop", "error"] | None = None
-    retain_eval: Literal["epoch", "end", "none"] | None = None
-    weight_decay: float | None = Field(None, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    replicates: int | None = Field(None, ge=1)
 
     varies_t: ClassVar[bool] = True
     title: ClassVar[str] = "RTT: fine-tune on the other forget splits (T), measure V"

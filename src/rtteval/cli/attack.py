@@ -3,19 +3,18 @@
 ``attack`` runs a registered attack (``--attack``, default ``rtt``) on the
 original model (ceiling), the never-learned control (floor) and the
 unlearned model, one model in memory at a time, and writes the report.
-Each model's attack is saved to ``OUT/attacks/<role>.json`` as soon as it
-finishes, keyed by the model files, dataset, attack and its settings, so an
-interrupted run resumes where it stopped (``--no-resume`` recomputes
-everything).  The grid options set the attack's config fields of the same
-name; one the attack does not have is an error.
+It is a one-stage study run by the runner into OUT (the ``unlearned``
+models of a study config, docs/runner.md): every (model, fold) is a job
+keyed by the content of the models, the data and the attack's settings, so
+an interrupted run resumes where it stopped and an edited model is attacked
+again (``--no-resume`` recomputes everything).  The grid options set the
+attack's config fields of the same name; one the attack does not have is an
+error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,11 +22,14 @@ import typer
 from rich.console import Console
 
 from rtteval.cli.options import COUNT, COUNT0, POSITIVE, SEED, Number, check_device_option
+from rtteval.cli.settings import apply_settings, settings_argument
 from rtteval.errors import ConfigError, UserError
 from rtteval.outputs import OVERWRITE_HELP, ResumableOutput
 
-_REPORT_FILES = ("results.json", "results.csv", "results_folds.csv", "report.md")
-_ATTACK_ENTRIES = ("attacks", "adapters", *_REPORT_FILES, "fig_recovery.png", "fig_rtt_curves.png")
+_ATTACK_ENTRIES = (
+    "runs.db", "jobs", "logs", "study.yaml", "results.json", "results.csv", "results_folds.csv",
+    "report.md", "fig_recovery.png", "fig_rtt_curves.png",
+)  # fmt: skip
 """What ``attack`` writes into OUT: a user's file of one of these names is never replaced."""
 
 console = Console(stderr=True, markup=False, highlight=False)
@@ -48,6 +50,20 @@ def _floats(text: str | None, name: str) -> list[float] | None:
     return vals
 
 
+def _names(text: str | None, name: str) -> list[str] | None:
+    if text is None:
+        return None
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if not vals:
+        raise ConfigError("empty list", file=f"--{name}")
+    return vals
+
+
+def _attack_figures(attack: str) -> tuple[str, ...]:
+    """The figures a one-attack study's report may add (analysis/budget.py, analysis/overview.py)."""
+    return (f"fig_budget_{attack}.png", "fig_attacks.png")
+
+
 def _ints(text: str | None, name: str) -> list[int] | None:
     if text is None:
         return None
@@ -60,27 +76,6 @@ def _ints(text: str | None, name: str) -> list[int] | None:
     if not vals:
         raise ConfigError("empty list", file=f"--{name}")
     return vals
-
-
-def _names(text: str | None, name: str) -> list[str] | None:
-    if text is None:
-        return None
-    vals = [x.strip() for x in text.split(",") if x.strip()]
-    if not vals:
-        raise ConfigError("empty list", file=f"--{name}")
-    return vals
-
-
-def _model_fingerprint(path: str) -> str:
-    """Path plus size and mtime of its files: a retrained model at the same path is not reused."""
-    p = Path(path)
-    parts = [str(p.resolve()) if p.exists() else path]
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.is_file():
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def attack_cmd(
@@ -173,7 +168,8 @@ def attack_cmd(
         typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, bf16-pure or fp16"),
     ] = None,
     method_name: Annotated[
-        str | None, typer.Option(help="label of the unlearned model in the report")
+        str | None,
+        typer.Option(help="label of the unlearned model in the report (default: its directory)"),
     ] = None,
     eval_batch_size: Annotated[
         int, typer.Option(help="questions per scoring batch", parser=COUNT)
@@ -182,37 +178,32 @@ def attack_cmd(
         int, typer.Option(help="bootstrap resamples (0: no confidence intervals)", parser=COUNT0)
     ] = 1000,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
-    resume: Annotated[bool, typer.Option(help="reuse finished attacks found in OUT")] = True,
+    resume: Annotated[
+        bool, typer.Option(help="reuse finished attacks found in OUT (keyed on content)")
+    ] = True,
     overwrite: Annotated[
         bool, typer.Option(help=OVERWRITE_HELP + " (recomputes every attack)")
     ] = False,
+    settings: settings_argument("warmup_steps=10 (the attack's own fields, docs/runner.md)") = None,
 ) -> None:
     """Attack (RTT by default: fine-tune on T, measure V) the unlearned, original and control models."""
-    import gc
-
-    import torch
     from pydantic import ValidationError
     from rich.console import Console as _Console
 
-    from rtteval.analysis.report import build_results, summary_table, write_report
-    from rtteval.atomic import write_json_atomic
-    from rtteval.attacks import ATTACKS, AttackContext, get_attack
-    from rtteval.attacks.records import ModelAttack
+    from rtteval.analysis.report import load_results, summary_table
+    from rtteval.attacks import ATTACKS, get_attack
+    from rtteval.config.study import LoadedConfig, StudyConfig
     from rtteval.data import load_dataset
-    from rtteval.models import load_model
-    from rtteval.models.loading import check_model_files
-    from rtteval.stages.pretrain import retain_eval_name, scoring_for
+    from rtteval.models.loading import check_model_source
+    from rtteval.runner.driver import run_study
     from rtteval.training.precision import check_precision
 
     check_device_option(device)
-    if threads:
-        torch.set_num_threads(threads)
     if attack not in ATTACKS:
         raise ConfigError(
             f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", file="--attack"
         )
     runner = get_attack(attack)
-    saves = getattr(runner, "saves_adapters", False)
     given: dict[str, Any] = {
         "paper": paper or None,
         "lrs": _floats(lrs, "lrs"),
@@ -244,21 +235,16 @@ def attack_cmd(
             raise ConfigError(
                 f"attack {attack!r} has no setting {k!r}", file="--" + k.replace("_", "-")
             )
+    spec = apply_settings(
+        runner.config_type, {"name": attack, **given}, settings,
+        exclude=("name", "folds", "controls", "eval_batch_size"),
+    )  # fmt: skip
     try:  # name the option, not the config's field
-        spec = runner.config_type.model_validate({"name": attack, **given})
-        settings = spec.resolved(seed if seed is not None else 0)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "--attack"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] != "value_error" and "input" in err:
-            msg += f" (got {err['input']!r})"
-        raise ConfigError(msg, file=where) from None
+        spec.resolved(seed if seed is not None else 0)
     except ConfigError as e:
         if e.field and e.file is None:
             raise ConfigError(e.message, file="--" + e.field.replace("_", "-")) from None
         raise
-    settings["precision"] = precision or "auto"
     fold_list = [f.strip() for f in folds.split(",") if f.strip()] if folds else None
     ds = load_dataset(data)
     unknown = [f for f in fold_list or [] if f not in ds.splits]
@@ -267,99 +253,61 @@ def attack_cmd(
             f"{', '.join(unknown)}: not a forget split of {ds.root} ({', '.join(ds.split_names)})",
             file="--folds",
         )
-    scoring = scoring_for(ds, batch_size=eval_batch_size)
-    r_name = retain_eval_name(ds)
-    retain = ds.retain[r_name] if r_name else []
     label = method_name or Path(model).name
-    jobs = [("original", original, "original"), ("unlearned", model, label)]
-    if control:
-        jobs.insert(1, ("control", control, "control"))
-    for _role, path, _lab in jobs:  # a bad weights file fails before any output exists
-        check_model_files(path)
-    names = (*_ATTACK_ENTRIES, f"fig_budget_{attack}.png")
-    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=names)
-    resume = resume and not overwrite
-    attacks: dict[str, ModelAttack] = {}
-    for role, path, lab in jobs:
-        key = {
-            "model": _model_fingerprint(path),
-            "data": str(ds.root.resolve()),
-            "attack": attack,
-            "config": settings,
-            "folds": fold_list,
-            "scoring": scoring.mode,
-            "label": lab,
-        }
-        cache = out / "attacks" / f"{role}.json"
-        if resume and cache.is_file():
-            try:
-                saved = json.loads(cache.read_text())
-                if saved.get("key") == json.loads(json.dumps(key)):
-                    attacks[role] = ModelAttack.from_dict(saved["attack"])
-                    console.print(f"{role}: reusing {cache}")
-                    continue
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
-        console.print(f"{role}: loading {path}")
-        m, tok = load_model(path, device=device)
-        # LoRA-RTT's adapters go to OUT/adapters/<role> once the attack is done (peft's format)
-        staged = Path(tempfile.mkdtemp(prefix="rtteval-adapters-")) if saves else None
-        try:
-            ctx = AttackContext(
-                m,
-                tok,
-                ds,
-                scoring,
-                folds=fold_list,
-                retain_questions=retain,
-                label=lab,
-                progress=True,
-                log=lambda s: console.print(f"  {s}"),
-            )
-            a = runner.run({**settings, "save_adapters": str(staged)} if staged else settings, ctx)
-        except BaseException:
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
-            raise
-        finally:
-            del m
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        a.meta["model"] = path
-        a.meta["role"] = role
-        target.open()
-        target.add("attacks")
-        if staged is not None:
-            target.add("adapters")
-            dest = out / "adapters" / role
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(staged, dest)
-        write_json_atomic(cache, {"key": key, "attack": a.to_dict()})
-        console.print(f"{role}: done in {a.wall_time:.1f} s")
-        attacks[role] = a
-
-    results = build_results(
-        {label: attacks["unlearned"]},
-        attacks["original"],
-        attacks.get("control"),
-        dataset=ds.name if attack == "rtt" else f"{ds.name} [{attack}]",
-        config={
-            "models": {"unlearned": model, "original": original, "control": control},
-            "data": str(data),
-            "device": device,
-        },
-        n_boot=n_boot,
-        seed=int(settings["seed"]),
-        info={"attack": attack, "base_dataset": ds.name},
+    if label in ("original", "control"):  # the other arms' names in the report
+        if method_name is not None:
+            raise ConfigError(f"{label!r} names another arm; choose another", file="--method-name")
+        label = "unlearned"
+    for path in (original, control, model):  # a bad model fails before any output exists
+        if path is not None:
+            check_model_source(path)
+    target = ResumableOutput(
+        out, overwrite=overwrite, kind="attack", names=(*_ATTACK_ENTRIES, *_attack_figures(attack))
     )
-    target.open()
-    target.add(*_REPORT_FILES)
-    paths = write_report(out, results)
-    target.add(*(p.name for p in paths.values()))
+    if not resume and target.resumed:  # recompute everything: replace the earlier output
+        target = ResumableOutput(
+            out, overwrite=True, kind="attack", names=(*_ATTACK_ENTRIES, *_attack_figures(attack))
+        )
+    study = {
+        "name": "attack",
+        "output_dir": str(target.path),
+        "seeds": [seed if seed is not None else 0],
+        "device": device,
+        "model": {"hf": {**_ref(original), "control": _ref(control) if control else None}},
+        "datasets": [{"name": ds.name, "path": str(ds.root) if _local(data) else data}],
+        "unlearned": [{"label": label, **_ref(model)}],
+        "attacks": [{**spec.model_dump(exclude_unset=True), "name": attack,
+                     "folds": fold_list, "eval_batch_size": eval_batch_size}],
+        "executor": {"kind": "sequential", "threads_per_worker": threads},
+        "retries": 0,  # a failure here is deterministic; the next run tries again
+        "report": {"n_boot": n_boot},
+    }  # fmt: skip
+    try:
+        cfg = StudyConfig.model_validate(study)
+    except ValidationError as e:  # pragma: no cover - the options were checked above
+        raise ConfigError(str(e.errors()[0]["msg"]), file="--attack") from None
+    target.open()  # with --overwrite, the earlier output goes now, after every check
+    summary = run_study(
+        LoadedConfig(cfg, None), say=lambda s: console.print(s), output_kind="attack"
+    )
+    if summary.failed:
+        raise UserError(
+            f"{len(summary.failed)} attack job(s) failed, e.g. {summary.failed[0]}; see "
+            f"{target.path}/logs (run the command again to retry them)"
+        )
+    results = load_results(target.path)
     _Console().print(summary_table(results))
-    print(json.dumps({"out": str(out), "files": sorted(p.name for p in paths.values())}))
+    files = sorted((summary.report or {}).get("files", []))
+    print(json.dumps({"out": str(out), "files": files}))
+
+
+def _local(ref: str) -> bool:
+    return Path(ref).exists()
+
+
+def _ref(ref: str) -> dict[str, str]:
+    """A model option as the study's model reference: a local directory, else a hub id."""
+    return {"path": str(Path(ref).resolve())} if _local(ref) else {"id": ref}
 
 
 def report_cmd(

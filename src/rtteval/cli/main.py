@@ -6,6 +6,7 @@ them as one line on stderr and exits 2, never with a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -28,6 +29,7 @@ from rtteval.cli.options import (
     show_ranges,
 )
 from rtteval.cli.run import run_cmd, status_cmd
+from rtteval.cli.settings import apply_settings, setting_keys, settings_argument
 from rtteval.cli.unlearn import unlearn_cmd
 from rtteval.errors import UserError
 from rtteval.outputs import OVERWRITE_HELP as _OVERWRITE_HELP
@@ -70,15 +72,18 @@ def world(
     seed: Annotated[int, typer.Option(help="random seed", parser=SEED)] = 0,
     preset: Annotated[str, typer.Option(help="world preset (small, tiny, bios)")] = "small",
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
+    settings: settings_argument("n_splits=3") = None,
 ) -> None:
     """Write a synthetic world of facts in the paper's dataset layout."""
-    from rtteval.data.world import PRESETS, write_world
+    from rtteval.data.world import PRESETS, WorldConfig, write_world
 
     if preset not in PRESETS:
         raise UserError(
             f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}", file="--preset"
         )
-    path = write_world(out, seed=seed, preset=preset, overwrite=overwrite)
+    cfg = apply_settings(WorldConfig, {"preset": preset, "seed": seed}, settings)
+    given = {k: getattr(cfg, k) for k in setting_keys(settings) if k not in ("preset", "seed")}
+    path = write_world(out, seed=cfg.seed, preset=cfg.preset, overwrite=overwrite, **given)
     manifest = json.loads((path / "manifest.json").read_text())
     print(json.dumps({"out": str(path), "counts": manifest.get("counts", {})}))
 
@@ -105,6 +110,7 @@ def pretrain(
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads", parser=COUNT)] = None,
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
+    settings: settings_argument("warmup_steps=10") = None,
 ) -> None:
     """Pretrain a tiny Llama from scratch on a world until the facts are known, then anneal."""
     import torch
@@ -114,16 +120,13 @@ def pretrain(
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = PretrainConfig(
-        model_preset=model_preset,
-        lr=lr,
-        batch_size=batch_size,
-        max_epochs=max_epochs,
-        target_accuracy=target,
-        anneal_epochs=anneal_epochs,
-        seed=seed,
-        exclude_forget=exclude_forget,
-    )
+    cfg = apply_settings(
+        PretrainConfig,
+        {"model_preset": model_preset, "lr": lr, "batch_size": batch_size,
+         "max_epochs": max_epochs, "target_accuracy": target, "anneal_epochs": anneal_epochs,
+         "seed": seed, "exclude_forget": exclude_forget},
+        settings, flags={"target_accuracy": "--target"},
+    )  # fmt: skip
     m = run_pretrain(world, out, cfg, overwrite=overwrite)
     print(
         json.dumps(
@@ -150,13 +153,17 @@ def finetune(
     ] = 0.97,
     seed: Annotated[int, typer.Option(parser=SEED)] = 0,
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
+    settings: settings_argument("grad_clip=null") = None,
 ) -> None:
     """Learn the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime)."""
     from rtteval.stages.finetune import FinetuneConfig, finetune_forget_facts
 
-    cfg = FinetuneConfig(
-        lr=lr, max_epochs=max_epochs, replay_ratio=replay_ratio, target_accuracy=target, seed=seed
-    )
+    cfg = apply_settings(
+        FinetuneConfig,
+        {"lr": lr, "max_epochs": max_epochs, "replay_ratio": replay_ratio,
+         "target_accuracy": target, "seed": seed},
+        settings, flags={"target_accuracy": "--target"},
+    )  # fmt: skip
     m = finetune_forget_facts(model, world, out, cfg, overwrite=overwrite)
     print(
         json.dumps(
@@ -177,11 +184,12 @@ def eval_cmd(
     ] = "paper",
     batch_size: Annotated[int, typer.Option(parser=COUNT)] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    settings: settings_argument("n_shots=5") = None,
 ) -> None:
     """Accuracy of a model on every split of a dataset, as JSON."""
     from rtteval.data import load_dataset
     from rtteval.models import load_model
-    from rtteval.scoring import LETTER_FORMATS, evaluate_mcq
+    from rtteval.scoring import LETTER_FORMATS, ScoringConfig, evaluate_mcq
     from rtteval.stages.pretrain import scoring_for
 
     check_device_option(device)
@@ -193,11 +201,15 @@ def eval_cmd(
             file="--letter-format",
         )
     ds = load_dataset(data)
-    m, tok = load_model(model, device=device)
     sc = scoring_for(ds, batch_size=batch_size)
     if mode is not None:
         sc.mode = mode  # type: ignore[assignment]
     sc.letter_format = letter_format
+    given = {f.name: getattr(sc, f.name) for f in dataclasses.fields(sc) if f.name != "dev"}
+    sc = dataclasses.replace(
+        apply_settings(ScoringConfig, given, settings, exclude=("dev",)), dev=sc.dev
+    )
+    m, tok = load_model(model, device=device)
     out = {
         name: evaluate_mcq(m, tok, qs, sc).accuracy
         for name, qs in {**ds.splits, **ds.retain}.items()

@@ -32,7 +32,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rtteval.config.base import Precision, StrictModel
 from rtteval.errors import ConfigError, UserError
+from rtteval.stages.settings import FinetuneConfig, PretrainSettings
 
 __all__ = [
     "DatasetSpec",
@@ -47,14 +49,7 @@ __all__ = [
 ]
 
 
-#: Training precision of every stage (:data:`rtteval.training.precision.PRECISIONS`, docs/performance.md).
-Precision = Literal["auto", "fp32", "bf16", "bf16-pure", "fp16"]
-
-
-class _Strict(BaseModel):
-    # strict: `epochs: true` is not 1 epoch and `epochs: 1e23` is not an int;
-    # no inf/nan anywhere (a learning rate of .inf passes every `gt=0`).
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_Strict = StrictModel
 
 
 class LocatedError(ValueError):
@@ -68,25 +63,11 @@ class LocatedError(ValueError):
 # --------------------------------------------------------------------------- model
 
 
-class PretrainSpec(_Strict):
-    """Pretraining hyperparameters of a tiny model (see :class:`rtteval.stages.pretrain.PretrainConfig`)."""
-
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
-    max_epochs: int = Field(120, ge=1)
-    warmup_steps: int = Field(30, ge=0)
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    weight_decay: float = Field(0.0, ge=0)
-    target_accuracy: float = Field(0.97, gt=0, le=1)
-    eval_every_epochs: int = Field(2, ge=1)
-    anneal_epochs: int = Field(10, ge=0)
-
-
 class TinyModel(_Strict):
     """A tiny Llama pretrained from scratch on each world dataset (original + never-learned control)."""
 
     preset: str = "tiny-1m"
-    pretrain: PretrainSpec = PretrainSpec()
+    pretrain: PretrainSettings = PretrainSettings()
 
     @field_validator("preset")
     @classmethod
@@ -122,6 +103,12 @@ class HFModel(ModelRef):
     device_map: str | None = None
     trust_remote_code: bool = False
     control: ModelRef | None = None
+
+
+class UnlearnedModel(ModelRef):
+    """A model unlearned elsewhere, attacked as it is (``rtteval attack --model``), under ``label``."""
+
+    label: str
 
 
 class ModelSpec(_Strict):
@@ -230,40 +217,58 @@ class DatasetSpec(_Strict):
         return Path(str(self.path).rstrip("/")).name or str(self.path)
 
 
-class FinetuneSpec(_Strict):
-    """Fine-tune-first stage (``datasets[].finetune_first``): LM loss on the dataset's facts.
+class FinetuneSpec(BaseModel):
+    """Fine-tune-first stage (``datasets[].finetune_first``): keys of :class:`FinetuneConfig`.
 
-    Unset fields take :class:`rtteval.stages.finetune.FinetuneConfig`'s defaults for
-    the model kind: the tiny-model defaults with ``model.tiny``,
+    The settings are :class:`rtteval.stages.settings.FinetuneConfig`'s, declared
+    there once and checked by it here (``epochs`` is its ``max_epochs``);
+    ``seed`` and ``precision`` come from the study.  Keys left out take the
+    defaults for the model kind: the tiny-model defaults with ``model.tiny``,
     ``FinetuneConfig.paper()`` (the paper's Random Birthdays fine-tuning)
-    with ``model.hf``.  ``grad_clip: null`` written out turns clipping off.
+    with ``model.hf``.  A key written out is that value: ``grad_clip: null``
+    clips nothing, ``target_accuracy: null`` runs every epoch.
     """
 
-    lr: float | None = Field(None, gt=0)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    optimizer: Literal["adamw", "lion"] | None = None
-    target_accuracy: float | None = Field(None, gt=0, le=1)
-    replay_ratio: float | None = Field(None, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    loss: Literal["corpus", "mcq_answer"] | None = None
-    grad_clip: float | None = Field(None, gt=0)
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _valid(self) -> FinetuneSpec:
+        for k in self.model_extra or {}:
+            if k not in _FINETUNE_KEYS:
+                raise LocatedError(
+                    (k,), f"unknown key; expected one of: {', '.join(sorted(_FINETUNE_KEYS))}"
+                )
+        try:
+            FinetuneConfig.model_validate({**FinetuneConfig().model_dump(), **self._given()})
+        except ValidationError as e:
+            err = e.errors()[0]
+            msg = err["msg"]
+            if "input" in err and err["type"] != "value_error":
+                msg += f" (got {err['input']!r})"
+            loc = tuple(err["loc"])
+            raise LocatedError(("epochs",) if loc == ("max_epochs",) else loc, msg) from None
+        return self
+
+    def _given(self) -> dict[str, Any]:
+        """The keys written, under FinetuneConfig's names."""
+        return {
+            "max_epochs" if k == "epochs" else k: v for k, v in (self.model_extra or {}).items()
+        }
 
     def resolved(self, *, tiny: bool) -> dict[str, Any]:
         """The full FinetuneConfig (minus seed) as a dict: what the job runs, and its key."""
-        from dataclasses import asdict
-
-        from rtteval.stages.finetune import FinetuneConfig
-
         base = FinetuneConfig() if tiny else FinetuneConfig.paper()
-        for k, v in self.model_dump().items():
-            # an unset field keeps the default; ``grad_clip: null`` written out means no clipping
-            if v is not None or (k == "grad_clip" and k in self.model_fields_set):
-                setattr(base, "max_epochs" if k == "epochs" else k, v)
-        d = asdict(base)
+        d = base.model_copy(update=self._given()).model_dump()
         d.pop("seed")
         d.pop("precision")  # the study's, added to the job by the plan
         return d
+
+
+#: The study's ``finetune:`` keys: FinetuneConfig's, with ``epochs`` for ``max_epochs``.
+_FINETUNE_KEYS = {"epochs" if k == "max_epochs" else k for k in FinetuneConfig.model_fields} - {
+    "seed",
+    "precision",
+}
 
 
 # --------------------------------------------------------------------------- methods
@@ -454,7 +459,9 @@ class StudyConfig(_Strict):
     gradient_checkpointing: bool = False
     model: ModelSpec
     datasets: list[DatasetSpec] = Field(min_length=1)
-    methods: list[MethodSpec] = Field(min_length=1)
+    methods: list[MethodSpec] = []
+    #: Models unlearned outside the study, attacked beside the methods' selected models.
+    unlearned: list[UnlearnedModel] = []
     selection: SelectionSpec = SelectionSpec()
     finetune: FinetuneSpec = FinetuneSpec()
     #: Each an :class:`rtteval.attacks.AttackConfig` of the attack named (RTT by default).
@@ -511,13 +518,20 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
-        labels = [m.display for m in self.methods]
+        if not self.methods and not self.unlearned:
+            raise LocatedError(
+                ("methods",),
+                "give at least one method (or 'unlearned' models to attack as they are)",
+            )
+        labels = [m.display for m in self.methods] + [u.label for u in self.unlearned]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             i = max(i for i, x in enumerate(labels) if x in dup)
-            raise LocatedError(
-                ("methods", i), f"two entries named {dup[0]!r}; give them distinct 'label's"
-            )
+            loc = ("methods", i) if i < len(self.methods) else ("unlearned", i - len(self.methods))
+            raise LocatedError(loc, f"two entries named {dup[0]!r}; give them distinct 'label's")
+        for i, u in enumerate(self.unlearned):
+            if u.label in ("original", "control"):
+                raise LocatedError(("unlearned", i, "label"), f"{u.label!r} names another arm")
         dlabels = [d.label for d in self.datasets]
         ddup = sorted({x for x in dlabels if dlabels.count(x) > 1})
         if ddup:
@@ -828,6 +842,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path, overridden: dict[Loc, str]) 
         ctl = hf.get("control")
         if isinstance(ctl, dict) and "path" in ctl:
             fix(ctl, "path", ("model", "hf", "control", "path"))
+    for i, u in enumerate(raw.get("unlearned") or []):
+        if isinstance(u, dict) and "path" in u:
+            fix(u, "path", ("unlearned", i, "path"))
     return raw
 
 
@@ -928,6 +945,9 @@ def load_config(
         ctl = cfg.model.hf.control
         if ctl is not None and ctl.path is not None:
             need_dir(ctl.path, ("model", "hf", "control", "path"), "control model directory")
+    for i, u in enumerate(cfg.unlearned):
+        if u.path is not None:
+            need_dir(u.path, ("unlearned", i, "path"), "unlearned model directory")
     _check_output_dir(cfg.output_dir, *where(("output_dir",)))
     return LoadedConfig(
         cfg, Path(path) if path is not None else None, warnings, data, lines, overridden

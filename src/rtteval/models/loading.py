@@ -114,6 +114,24 @@ def _source(name_or_path: str | Path) -> tuple[str, bool]:
     return ref, not hub_reachable()
 
 
+def check_model_source(name_or_path: str | Path) -> None:
+    """Raise the one-line error :func:`load_model` would raise for a bad reference, loading nothing.
+
+    A local directory must look like a model and its weights files must be
+    whole; a hub id must be well-formed, and cached when the hub is
+    unreachable.  Commands check every model this way before they create an
+    output directory.
+    """
+    ref, offline = _source(name_or_path)
+    if Path(ref).expanduser().exists():
+        check_model_files(ref)
+    elif offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise _offline_error(ref)
+
+
 def _offline_error(ref: str) -> UserError:
     host, _port = hub_host()
     return UserError(

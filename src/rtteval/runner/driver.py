@@ -364,48 +364,77 @@ def run_study(
     *,
     say: Callable[[str], None] = print,
     executor: Executor | None = None,
+    output_kind: str = "study",
+    stages: tuple[str, ...] | None = None,
 ) -> RunSummary:
-    """Plan, run and report a study; re-running the same config resumes it."""
+    """Plan, run and report a study; re-running the same config resumes it.
+
+    ``output_kind`` marks the output directory (:mod:`rtteval.outputs`):
+    ``rtteval attack`` runs a one-stage study into an ``attack`` output.
+    ``stages`` runs only those stages' jobs (and what they need), without a
+    report: ``rtteval unlearn --sweep`` is the unlearn and select stages.
+    """
+    cfg = loaded.config
+    target = ResumableOutput(cfg.output_dir, overwrite=False, kind=output_kind)
+    before = set(os.listdir(target.path)) if target.path.is_dir() else set()
+    foreign = before - set(target.entries)
+    out = target.open()
+    try:
+        with DirLock(out):
+            return _run_locked(cfg, out, say=say, executor=executor, stages=stages)
+    finally:
+        # everything the study wrote is rtteval's, so a later --overwrite may replace it
+        target.add(*(set(os.listdir(out)) - foreign))
+
+
+def _run_locked(
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    say: Callable[[str], None],
+    executor: Executor | None,
+    stages: tuple[str, ...] | None,
+) -> RunSummary:
+    """:func:`run_study`'s work, under the output directory's lock."""
     import yaml
 
-    cfg = loaded.config
-    out = ResumableOutput(cfg.output_dir, overwrite=False, kind="study").open()
-    with DirLock(out):
-        swept = sweep_leftovers(out)
-        if swept:
-            say(f"removed {swept} unfinished job dir(s) left by a killed run")
-        plan = build_plan(cfg)
-        for note in plan.notes:
-            say(f"note: {note}")
-        with Store.in_dir(out) as store:
-            stale = store.reset_running()
-            if stale:
-                say(f"resuming: {stale} job(s) were running when the last driver stopped")
-            new = store.add_jobs(p.job for p in plan.jobs)
-            from rtteval.runner.results import groups_meta
+    swept = sweep_leftovers(out)
+    if swept:
+        say(f"removed {swept} unfinished job dir(s) left by a killed run")
+    plan = build_plan(cfg)
+    if stages is not None:
+        plan = plan.restricted(stages)
+    for note in plan.notes:
+        say(f"note: {note}")
+    with Store.in_dir(out) as store:
+        stale = store.reset_running()
+        if stale:
+            say(f"resuming: {stale} job(s) were running when the last driver stopped")
+        new = store.add_jobs(p.job for p in plan.jobs)
+        from rtteval.runner.results import groups_meta
 
-            store.set_meta(
-                "plan",
-                {"study": cfg.name, "keys": [p.job.key for p in plan.jobs],
-                 "groups": groups_meta(plan), "n_boot": cfg.report.n_boot},
-            )  # fmt: skip
-            write_text_atomic(
-                out / "study.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            )
-            done_before = sum(
-                1 for p in plan.jobs
-                if (r := store.get(p.job.key)) is not None and r.status in FINAL_OK
-            )  # fmt: skip
-            say(
-                f"study {cfg.name!r}: {len(plan.jobs)} jobs ({new} new, {done_before} already "
-                f"finished) -> {out}"
-            )
-            from rtteval.runner.tracking import Tracker
+        store.set_meta(
+            "plan",
+            {"study": cfg.name, "keys": [p.job.key for p in plan.jobs],
+             "groups": groups_meta(plan), "n_boot": cfg.report.n_boot},
+        )  # fmt: skip
+        write_text_atomic(
+            out / "study.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        )
+        done_before = sum(
+            1 for p in plan.jobs
+            if (r := store.get(p.job.key)) is not None and r.status in FINAL_OK
+        )  # fmt: skip
+        say(
+            f"study {cfg.name!r}: {len(plan.jobs)} jobs ({new} new, {done_before} already "
+            f"finished) -> {out}"
+        )
+        from rtteval.runner.tracking import Tracker
 
-            tracker = Tracker(cfg.logging, cfg.name, cfg.model_dump(mode="json"))
-            ex = executor if executor is not None else make_executor(cfg.executor)
-            drv = Driver(cfg, plan, store, ex, say=say, tracker=tracker)
-            summary = drv.run()
-            if not cfg.debug.fake_jobs:
-                drv.write_report(plots=cfg.report.plots, final=True)
-            return summary
+        tracker = Tracker(cfg.logging, cfg.name, cfg.model_dump(mode="json"))
+        ex = executor if executor is not None else make_executor(cfg.executor)
+        drv = Driver(cfg, plan, store, ex, say=say, tracker=tracker)
+        summary = drv.run()
+        if not cfg.debug.fake_jobs and stages is None:
+            drv.write_report(plots=cfg.report.plots, final=True)
+        return summary

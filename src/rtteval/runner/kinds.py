@@ -278,6 +278,8 @@ def attack_job(config: dict[str, Any], deps: list[Dep], job_dir: Path) -> JobOut
     result = attack.run(settings, ctx)
     _free(model)
     result.meta.update(role=config["role"], method=config.get("method"), seed=config["seed"])
+    if isinstance(config["model"], dict):  # a hub id or a directory, not a job's model
+        result.meta["model"] = config["model"].get("id") or config["model"].get("path")
     d = result.to_dict()
     write_json_atomic(job_dir / "attack.json", d)
     f = result.folds[0]

@@ -96,6 +96,19 @@ class Plan:
     def by_key(self) -> dict[str, PlannedJob]:
         return {p.job.key: p for p in self.jobs}
 
+    def restricted(self, stages: tuple[str, ...]) -> Plan:
+        """The jobs of ``stages`` and everything they depend on (``unlearn --sweep``: no attacks)."""
+        by_key = self.by_key
+        keep: set[str] = set()
+        todo = [p.job.key for p in self.jobs if p.job.stage in stages]
+        while todo:
+            k = todo.pop()
+            if k not in keep:
+                keep.add(k)
+                todo.extend(by_key[k].job.deps)
+        groups = [g for g in self.groups if set(g.keys) <= keep]
+        return Plan([p for p in self.jobs if p.job.key in keep], groups, self.notes)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for p in self.jobs:
@@ -126,6 +139,38 @@ def fingerprint_dir(path: str | Path, *, max_hash_bytes: int = 256 << 20) -> str
                 for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:32]
+
+
+def fingerprint_model(path: str | Path) -> str:
+    """A content hash of a model directory: every file's name and bytes (weights included).
+
+    A model given by path (``model.hf.path``, ``unlearned[].path``, ``rtteval
+    attack --model``) enters its jobs' keys by content: a model retrained or
+    edited at the same path is not mistaken for the old one, and a copied
+    or ``touch``ed one still matches its finished jobs.  Hashing reads the
+    whole model once per plan (docs/runner.md gives the cost).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def model_ref(ref: Any, **extra: Any) -> dict[str, Any]:
+    """A job config's model: hub ``id``, or local ``path`` plus its content fingerprint."""
+    out: dict[str, Any] = {"id": ref.id, "path": ref.path, **extra}
+    if ref.path is not None:
+        out["fingerprint"] = fingerprint_model(ref.path)
+    return out
 
 
 def _split_names(ds: DatasetSpec, i: int, *, dry_run: bool) -> list[str] | None:
@@ -174,11 +219,13 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
     hf = cfg.model.hf
     hf_ref = None
     if hf is not None:
-        hf_ref = {
-            "id": hf.id, "path": hf.path, "dtype": hf.dtype,
-            "trust_remote_code": hf.trust_remote_code,
-        }  # fmt: skip
+        hf_ref = model_ref(hf, dtype=hf.dtype, trust_remote_code=hf.trust_remote_code)
     hf_runtime = {"device_map": hf.device_map} if hf is not None else {}
+    unlearned_refs = [
+        model_ref(u, dtype=hf.dtype if hf else "auto",
+                  trust_remote_code=hf.trust_remote_code if hf else False)
+        for u in cfg.unlearned
+    ]  # fmt: skip
 
     def model_source(
         sc: _Scope, job: Job | None, ref: dict[str, Any] | None
@@ -325,7 +372,9 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                 else:
                     original_ref = hf_ref
                     if hf.control is not None:
-                        control_ref = {**hf_ref, "id": hf.control.id, "path": hf.control.path}
+                        control_ref = model_ref(
+                            hf.control, dtype=hf.dtype, trust_remote_code=hf.trust_remote_code
+                        )
 
             regime = "finetuned" if ds.finetune_first else "pretrained"
             sc = _Scope(dname, tag, seed, splits, data_cfg, list(base_deps), regime, t_sizes)
@@ -377,6 +426,10 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                     attack_jobs(
                         sc, att, "unlearned", m.display, m.name, sel, None, select_key=sel.key
                     )
+
+            for u, ref in zip(cfg.unlearned, unlearned_refs, strict=True):
+                for att in cfg.attacks:
+                    attack_jobs(sc, att, "unlearned", u.label, None, None, ref)
 
     names = [p.job.name for p in jobs]
     if len(set(names)) != len(names):  # pragma: no cover - a planning bug, not a user error

@@ -8,67 +8,19 @@ same training and saving as pretraining (:func:`rtteval.stages.pretrain.learn_an
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rtteval.config.study import Precision
 from rtteval.data import Dataset, load_dataset
 from rtteval.errors import ConfigError
 from rtteval.outputs import check_output
 from rtteval.stages.pretrain import fact_evaluator, learn_and_save, retain_eval_name, scoring_for
+from rtteval.stages.settings import FinetuneConfig
 from rtteval.training.batching import encode_texts, make_batches
 from rtteval.training.config import TrainConfig
 from rtteval.training.precision import cast_for_precision
-
-
-@dataclass
-class FinetuneConfig:
-    """Learning the forget facts in a later fine-tuning phase (the paper's Random Birthdays regime).
-
-    The base model never saw the forget facts (the tiny never-learned
-    control, or a hub model for facts it cannot know); this phase trains on
-    their corpus (or, without one, on the questions written out with their
-    answers), replaying the retain corpus at ``replay_ratio`` so that
-    fine-tuning does not erase what pretraining taught.  It stops when every
-    evaluated accuracy (forget, and held-out retain where the dataset has
-    it) reaches ``target_accuracy`` (``None``: run all ``max_epochs``).
-    ``loss``: ``corpus`` learns the facts from their prose (or, without
-    any, from the answered questions); ``mcq_answer`` from the answered
-    questions with loss on the answer only (the paper's LETTER_ANSWER).
-    ``grad_clip``: ``None`` clips nothing.  Defaults are for the tiny
-    models; :meth:`paper` is the paper's Random Birthdays fine-tuning.
-    """
-
-    lr: float = 1e-3
-    batch_size: int = 32
-    max_epochs: int = 80
-    warmup_steps: int = 10
-    replay_ratio: float = 0.5
-    target_accuracy: float | None = 0.97
-    eval_every_epochs: int = 2
-    optimizer: str = "adamw"
-    loss: str = "corpus"
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    precision: Precision = "auto"
-
-    @classmethod
-    def paper(cls, **overrides: Any) -> FinetuneConfig:
-        """The paper's Random Birthdays fine-tuning (docs/paper-fidelity.md gives the sources).
-
-        Lion at 1e-6, 6 epochs of batch 4 over every split's MCQs with the
-        answer-only loss, warmup over 24 steps, no clipping, no replay.
-        """
-        base: dict[str, Any] = dict(
-            lr=1e-6, batch_size=4, max_epochs=6, warmup_steps=24, replay_ratio=0.0,
-            target_accuracy=None, eval_every_epochs=1, optimizer="lion", loss="mcq_answer",
-            grad_clip=None,
-        )  # fmt: skip
-        base.update(overrides)
-        return cls(**base)
 
 
 def finetune_facts(
@@ -156,7 +108,12 @@ def finetune_facts(
         progress=progress,
         out_dir=out_dir,
         overwrite=overwrite,
-        metrics={**(metrics or {}), "kind": "finetuned", "config": asdict(cfg), "before": before},
+        metrics={
+            **(metrics or {}),
+            "kind": "finetuned",
+            "config": cfg.model_dump(),
+            "before": before,
+        },
     )
 
 

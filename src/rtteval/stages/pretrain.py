@@ -8,42 +8,23 @@ that "never learned + RTT" is a fair floor for the attack.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rtteval.atomic import write_json_atomic
-from rtteval.config.study import Precision
 from rtteval.data import Dataset, Passage, load_dataset
 from rtteval.models import build_tiny_model, n_params, train_word_tokenizer
 from rtteval.models.loading import write_model_files
 from rtteval.outputs import check_output, staged_output
 from rtteval.scoring import ScoringConfig, evaluate_mcq
+from rtteval.stages.settings import PretrainConfig
 from rtteval.training.batching import encode_texts, make_batches
 from rtteval.training.config import TrainConfig
 from rtteval.training.loop import train
 from rtteval.training.losses import lm_loss_fn
-
-
-@dataclass
-class PretrainConfig:
-    """Pretraining hyperparameters (defaults measured on 2 CPU cores, see docs/)."""
-
-    model_preset: str = "tiny-1m"
-    lr: float = 3e-3
-    batch_size: int = 64
-    max_epochs: int = 120
-    warmup_steps: int = 30
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    target_accuracy: float = 0.97
-    eval_every_epochs: int = 2
-    seed: int = 0
-    exclude_forget: bool = False
-    anneal_epochs: int = 10
-    precision: Precision = "auto"
 
 
 def scoring_for(dataset: Dataset, batch_size: int = 64) -> ScoringConfig:
@@ -181,7 +162,7 @@ def pretrain(
         metrics={
             "kind": "control" if cfg.exclude_forget else "original",
             "data": str(Path(data_dir)),
-            "config": asdict(cfg),
+            "config": cfg.model_dump(),
             "n_params": n_params(model),
             "n_passages": len(passages),
         },

@@ -1,4 +1,4 @@
-"""Running an unlearning method: one run, a sweep with selection, and the CLI's work.
+"""Running an unlearning method: one run, the selection rule of a sweep, and the CLI's work.
 
 Every method trains through :func:`rtteval.training.loop.train`; each step sees one
 forget batch and one retain batch (``{"forget": ..., "retain": ...}``).  An
@@ -14,14 +14,13 @@ world's ``retain_eval``; for the paper's datasets, half of the
 once forget accuracy reaches ``target_forget_acc``; a non-finite or
 exploding loss ends it with status ``diverged`` rather than an exception.
 
-A sweep restores the weights from an in-memory snapshot between grid
-points, keeps every point's metrics, and selects the point with the lowest
-forget accuracy among those whose retain accuracy is at least the
-original's minus ``retain_threshold`` (ties: higher retain accuracy, then
-the earlier point).  Diverged points are never selected.  If no point
-qualifies, nothing is selected: the report says so, the model is left at
-its original weights and the CLI writes no model, because a model that
-lost the retain facts is not a valid unlearned model to attack.
+A sweep (``rtteval unlearn --sweep``, a study's ``methods[].grid``) runs one
+job per grid point through the runner and selects with :func:`select_point`:
+the point with the lowest forget accuracy among those whose retain accuracy
+is at least the original's minus ``retain_threshold`` (ties: higher retain
+accuracy, then the earlier point).  Diverged points are never selected.  If
+no point qualifies, nothing is selected and no model is written, because a
+model that lost the retain facts is not a valid unlearned model to attack.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ from rtteval.methods.base import (
     model_scale,
     only_filter,
 )
-from rtteval.models import restore_state, snapshot_state
 from rtteval.models.loading import write_model_files
 from rtteval.scoring import ScoringConfig, evaluate_mcq, format_mcq
 from rtteval.stages.pretrain import scoring_for
@@ -558,118 +556,6 @@ def select_point(
     return best
 
 
-@dataclass
-class SweepResult:
-    """Every grid point's result, in grid order, and which one was selected."""
-
-    method: str
-    grid: dict[str, list[Any]]
-    retain_threshold: float
-    original: dict[str, Any]
-    points: list[dict[str, Any]]
-    runs: list[UnlearnResult]
-    selected: int | None
-    note: str
-    wall_time: float
-
-    @property
-    def selected_run(self) -> UnlearnResult | None:
-        return None if self.selected is None else self.runs[self.selected]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "grid": self.grid,
-            "retain_threshold": self.retain_threshold,
-            "original": self.original,
-            "selected": self.selected,
-            "note": self.note,
-            "wall_time": self.wall_time,
-            "points": self.points,
-        }
-
-
-def sweep(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    base_cfg: UnlearnConfig,
-    grid: dict[str, list[Any]] | None = None,
-    *,
-    retain_threshold: float = 0.05,
-    retain_dataset: Dataset | None = None,
-    progress: bool = True,
-) -> SweepResult:
-    """Run every grid point from the same starting weights and select one (module docstring).
-
-    The weights are restored from an in-memory snapshot between points (never
-    reloaded from disk); the best qualifying point's weights are kept in a
-    second snapshot on the CPU, so at the end the model holds the selected
-    point's weights, or its original weights when nothing qualified.
-    """
-    method = get_method(base_cfg.method)
-    scale = base_cfg.scale or model_scale(model)
-    grid = dict(method.grid.get(scale) or method.grid["tiny"]) if grid is None else dict(grid)
-    points = expand_grid(grid)
-    t0 = time.perf_counter()
-    start = snapshot_state(model)
-    prep = prepare(tokenizer, dataset, method, retain_dataset, base_cfg.seed)
-    reference = make_reference(model) if method.needs_reference else None
-    original = evaluate_unlearning(model, tokenizer, prep)
-    rows: list[dict[str, Any]] = []
-    runs: list[UnlearnResult] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    for i, point in enumerate(points):
-        if i:
-            restore_state(model, start)
-        cfg = apply_point(base_cfg, point)
-        run = unlearn(
-            model, tokenizer, dataset, cfg,
-            retain_dataset=retain_dataset, reference=reference, before=original,
-            prepared=prep, progress=progress,
-        )  # fmt: skip
-        runs.append(run)
-        rows.append(
-            {
-                "index": i,
-                "params": point,
-                "status": run.status,
-                "forget_acc": run.after["forget_acc"],
-                "retain_acc": run.after["retain_acc"],
-                "steps": run.steps,
-                "wall_time": run.wall_time,
-                "message": run.message,
-                "config": run.config,
-                "selected": False,
-            }
-        )
-        if select_point(rows, original["retain_acc"], retain_threshold) == i:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    selected = select_point(rows, original["retain_acc"], retain_threshold)
-    if selected is None:
-        restore_state(model, start)
-        note = (
-            f"no grid point kept retain accuracy >= {original['retain_acc']:.3f} - "
-            f"{retain_threshold:g} without diverging; nothing selected"
-        )
-    else:
-        assert best_state is not None
-        restore_state(model, best_state)
-        rows[selected]["selected"] = True
-        note = f"selected point {selected}: {points[selected]}"
-    return SweepResult(
-        method=method.name,
-        grid=grid,
-        retain_threshold=retain_threshold,
-        original=original,
-        points=rows,
-        runs=runs,
-        selected=selected,
-        note=note,
-        wall_time=time.perf_counter() - t0,
-    )
-
-
 # --------------------------------------------------------------------------- the CLI's work
 
 
@@ -680,23 +566,18 @@ def run_unlearn(
     cfg: UnlearnConfig,
     *,
     retain_data_path: str | Path | None = None,
-    do_sweep: bool = False,
-    grid: dict[str, list[Any]] | None = None,
-    retain_threshold: float = 0.05,
     device: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
-) -> tuple[dict[str, Any], SweepResult | None]:
-    """Load, unlearn (or sweep), and write ``out`` atomically.
+) -> dict[str, Any]:
+    """Load, unlearn, and write ``out`` atomically; returns ``metrics.json``'s content.
 
-    Returns ``metrics.json``'s content and, for a sweep, the :class:`SweepResult`.
-
-    ``out`` gets the unlearned (or selected) model as safetensors plus
-    ``metrics.json``; a sweep adds ``sweep.json``.  A diverged run, or a sweep
-    where nothing qualified, writes the JSON files but no model.  Everything
-    is assembled in a temporary sibling directory and renamed into place, so
+    ``out`` gets the unlearned model as safetensors plus ``metrics.json``; a
+    diverged run writes ``metrics.json`` but no model.  Everything is
+    assembled in a temporary sibling directory and renamed into place, so
     ``out`` is never half-written; a non-empty ``out`` needs ``overwrite``
-    and loses only rtteval's own files (:mod:`rtteval.outputs`).
+    and loses only rtteval's own files (:mod:`rtteval.outputs`).  A sweep
+    (``rtteval unlearn --sweep``) is a one-stage study, run by the runner.
     """
     from rtteval.models import load_model
     from rtteval.outputs import check_output, staged_output
@@ -706,34 +587,17 @@ def run_unlearn(
     dataset = load_dataset(data)
     retain_ds = load_dataset(retain_data_path) if retain_data_path else None
     model, tokenizer = load_model(model_path, device=device)
-    sweep_res: SweepResult | None = None
-    if do_sweep:
-        sweep_res = sweep(
-            model, tokenizer, dataset, cfg, grid,
-            retain_threshold=retain_threshold, retain_dataset=retain_ds, progress=progress,
-        )  # fmt: skip
-        run = sweep_res.selected_run
-        ok = run is not None
-    else:
-        run = unlearn(model, tokenizer, dataset, cfg, retain_dataset=retain_ds, progress=progress)
-        ok = run.status != "diverged"
+    run = unlearn(model, tokenizer, dataset, cfg, retain_dataset=retain_ds, progress=progress)
+    ok = run.status != "diverged"
     metrics: dict[str, Any] = {
         "model": str(model_path),
         "data": str(data),
         "retain_data": str(retain_data_path) if retain_data_path else None,
         "model_written": ok,
-        **(run.to_dict() if run is not None else {"method": cfg.method, "status": "no_selection"}),
+        **run.to_dict(),
     }
-    if sweep_res is not None:
-        metrics["sweep"] = {
-            k: v for k, v in sweep_res.to_dict().items() if k not in ("points", "grid")
-        }
-        if run is None:
-            metrics["before"] = sweep_res.original
     with staged_output(out, overwrite=overwrite, kind="unlearn") as stage:
         if ok:
             write_model_files(model, tokenizer, stage)
         write_json_atomic(stage / "metrics.json", metrics)
-        if sweep_res is not None:
-            write_json_atomic(stage / "sweep.json", sweep_res.to_dict())
-    return metrics, sweep_res
+    return metrics
