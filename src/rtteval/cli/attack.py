@@ -100,8 +100,11 @@ def attack_cmd(
     epochs: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     batch_size: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
-    loss: Annotated[
-        str | None, typer.Option(help="auto, mcq (paper), mcq_answer, qa or corpus")
+    text_format: Annotated[
+        str | None,
+        typer.Option(
+            help="format of the training texts: auto, mcq (paper), mcq_answer, qa or corpus"
+        ),
     ] = None,
     folds: Annotated[
         str | None, typer.Option(help="comma-separated V splits (default: all forget splits)")
@@ -195,7 +198,7 @@ def attack_cmd(
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,
-        "loss": loss,
+        "text_format": text_format,
         "holdout_fraction": holdout_fraction,
         "overlap": overlap,
         "shots": _ints(shots, "shots"),
