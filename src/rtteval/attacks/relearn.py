@@ -389,12 +389,8 @@ class _FoldRunner:
         after_run: Callable[[Fold, float, int, torch.nn.Module, int | None], None] | None,
     ) -> None:
         self.model, self.tokenizer, self.dataset, self.cfg = model, tokenizer, dataset, cfg
-        self.scoring, self.retain_q, self.snapshot, self.ensemble = (
-            scoring,
-            retain_q,
-            snapshot,
-            ensemble,
-        )
+        self.scoring, self.retain_q = scoring, retain_q
+        self.snapshot, self.ensemble = snapshot, ensemble
         self.label, self.name, self.progress, self.say = label, name, progress, say
         self.trainable, self.after_run = trainable, after_run
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
