@@ -88,7 +88,7 @@ def main() -> None:
     scoring = scoring_for(ds, batch_size=128)
     # the demo's RTT (configs/demo.yaml), on the first --folds folds
     common: dict[str, Any] = dict(
-        epochs=args.epochs, batch_size=16, optimizer="adamw", loss="auto",
+        epochs=args.epochs, batch_size=16, optimizer="adamw", text_format="auto",
         holdout_fraction=0.2, retain_eval="none",
     )  # fmt: skip
     folds = list(ds.splits)[: args.folds]

@@ -77,7 +77,7 @@ def main() -> None:
         epochs=args.epochs,
         batch_size=4,
         optimizer="lion",
-        loss="qa",
+        text_format="qa",
         holdout_fraction=0.0,
         folds=list(ds.splits)[: args.folds],
         retain_eval="end",

@@ -72,11 +72,13 @@ def test_prompt_and_training_text_are_the_papers_bytes(tmp_path):
     # RTT trains on the scorer's prompt followed by the answer: one formatter for both
     other_prompt = "When was Alla Nelles born?\nA. 1966\nB. 1936\nC. 2018\nD. 1998\nAnswer:"
     assert letter_prompt(other, ScoringConfig()) == other_prompt
-    for loss in ("mcq", "mcq_answer"):
-        (fold,) = build_folds(ds, RTTConfig(folds=["split_0"], loss=loss, holdout_fraction=0.0))
+    for text_format in ("mcq", "mcq_answer"):
+        (fold,) = build_folds(
+            ds, RTTConfig(folds=["split_0"], text_format=text_format, holdout_fraction=0.0)
+        )
         (item,) = fold.items
         assert item.text == other_prompt + " B. 1936"
-        assert item.prompt == (other_prompt if loss == "mcq_answer" else None)
+        assert item.prompt == (other_prompt if text_format == "mcq_answer" else None)
 
 
 @pytest.mark.parametrize("mode", ["likelihood", "letter", "calibrated"])

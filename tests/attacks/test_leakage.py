@@ -60,7 +60,9 @@ def test_matcher_needs_the_answer_and_most_subject_words():
 
 def test_world_check_is_exact_by_fact_id(tiny_world):
     world = load_dataset(tiny_world)
-    (fold,) = build_folds(world, RTTConfig(folds=["split_0"], loss="corpus", holdout_fraction=0.0))
+    (fold,) = build_folds(
+        world, RTTConfig(folds=["split_0"], text_format="corpus", holdout_fraction=0.0)
+    )
     v_fid = str(world.splits["split_0"][0].extra["fact_id"])
     assert all(it.fact_id is not None and not it.fact_id.startswith("split_0") for it in fold.items)
     fold.items.append(TrainItem("nothing about anyone", fold.t[0], "x", fact_id=v_fid))
@@ -80,7 +82,7 @@ def test_years_corpus_leak_is_caught_and_random_bd_passes(shared_datasets):
     with pytest.raises(
         DataError, match=r"dataset 'years': T's prose states 1[2-3]\d of 15[78] V=split_0"
     ):
-        build_folds(years, RTTConfig(folds=["split_0"], loss="corpus", holdout_fraction=0.0))
+        build_folds(years, RTTConfig(folds=["split_0"], text_format="corpus", holdout_fraction=0.0))
     # the last line of defence catches the same leak in a fold built by hand
     t = [n for n in years.split_names if n != "split_0"]
     items = [
@@ -89,12 +91,14 @@ def test_years_corpus_leak_is_caught_and_random_bd_passes(shared_datasets):
     with pytest.raises(ProvenanceError, match=r"V=split_0: 1[2-3]\d provenance violation"):
         check_provenance(Fold("split_0", t, "corpus", items), years)
     # mcq RTT on Years is clean: near-namesake events with one year are different facts
-    (fold,) = build_folds(years, RTTConfig(folds=["split_0"], loss="mcq", holdout_fraction=0.0))
+    (fold,) = build_folds(
+        years, RTTConfig(folds=["split_0"], text_format="mcq", holdout_fraction=0.0)
+    )
     assert len(fold.items) > 600
 
     rb = load_dataset(shared_datasets / "random_bd")
     folds = build_folds(
-        rb, RTTConfig(folds=["split_4", "split_6"], loss="corpus", holdout_fraction=0.0)
+        rb, RTTConfig(folds=["split_4", "split_6"], text_format="corpus", holdout_fraction=0.0)
     )
     for f in folds:
         assert len(f.items) > 4000 and f.dropped  # checked by check_provenance inside build_folds

@@ -33,7 +33,7 @@ def test_settings_resolve_with_lora_defaults_and_literature_preset() -> None:
     assert d["seed"] == 3 and d["lrs"] == [1e-3, 3e-3, 1e-2]
     p = LoraRTTSpec(paper=True).resolved(seed=0)
     assert p["lora"]["rank"] == 128 and p["lora"]["alpha"] == 256.0 and 2e-4 in p["lrs"]
-    assert p["optimizer"] == "adamw" and p["loss"] == "mcq" and p["holdout_fraction"] == 0.0
+    assert p["optimizer"] == "adamw" and p["text_format"] == "mcq" and p["holdout_fraction"] == 0.0
     assert LoraRTTSpec(rank=16, lrs=[5e-4]).resolved(seed=0)["lora"]["alpha"] == 32.0
     assert "batched" not in d and LoraRTTSpec(batched=False).resolved(seed=0)["batched"] is False
 

@@ -76,7 +76,7 @@ def test_registry_and_presets():
     with pytest.raises(ConfigError):
         get_attack("nope")
     p = RTTConfig.paper()
-    assert (p.optimizer, p.epochs, p.batch_size, p.loss) == ("lion", 6, 4, "mcq")
+    assert (p.optimizer, p.epochs, p.batch_size, p.text_format) == ("lion", 6, 4, "mcq")
     assert (p.warmup_steps, p.grad_clip) == (24, None)
     assert p.lrs[0] == 1e-7 and p.lrs[-1] == 3.2e-6 and p.holdout_fraction == 0.0
     assert RTTConfig.paper(holdout_fraction=0.2).holdout_fraction == 0.2
@@ -87,7 +87,7 @@ def test_registry_and_presets():
         dict(lrs=[-1.0]),
         dict(lrs=[1e-3, 1e-3]),
         dict(epochs=0),
-        dict(loss="bogus"),
+        dict(text_format="bogus"),
         dict(holdout_fraction=1.0),
         dict(optimizer="sgd"),
     ):
@@ -111,7 +111,7 @@ def test_folds_cover_every_split_and_never_train_on_v(world: Dataset):
         hold = {question_id(q) for q in f.holdout}
         assert not hold & {it.ref for it in f.items}
         assert len(f.items) + len(f.holdout) == 32
-        assert f.loss == "qa"  # the default for a world
+        assert f.text_format == "qa"  # the default for a world
         p = f.provenance()
         assert p["checked"] and p["v"] == f.v and p["n_train_texts"] == len(f.items)
         assert sum(p["train_texts_per_split"].values()) == len(f.items)
@@ -130,25 +130,25 @@ def test_fold_subset_and_unknown_fold(world: Dataset):
         build_folds(world, RTTConfig(folds=["split_9"]))
 
 
-@pytest.mark.parametrize("loss", ["qa", "mcq", "mcq_answer", "corpus"])
-def test_training_texts_per_loss(world: Dataset, loss: str):
-    f = build_folds(world, RTTConfig(loss=loss, folds=["split_0"]))[0]
+@pytest.mark.parametrize("text_format", ["qa", "mcq", "mcq_answer", "corpus"])
+def test_training_texts_per_text_format(world: Dataset, text_format: str):
+    f = build_folds(world, RTTConfig(text_format=text_format, folds=["split_0"]))[0]
     train_qs = [
         q
         for t in f.t
         for q in world.splits[t]
         if question_id(q) not in {question_id(h) for h in f.holdout}
     ]
-    if loss == "qa":
+    if text_format == "qa":
         assert f.train_texts == [
             QA_TEMPLATE.format(question=q.question, answer=q.answer_text) for q in train_qs
         ]
-    elif loss == "mcq":
+    elif text_format == "mcq":
         assert f.train_texts == [format_mcq(q, with_answer=True) for q in train_qs]
         assert f.train_texts[0].endswith(
             f"Answer: {'ABCD'[train_qs[0].answer]}. {train_qs[0].answer_text}"
         )
-    elif loss == "mcq_answer":
+    elif text_format == "mcq_answer":
         assert all(it.prompt is not None and it.text.startswith(it.prompt) for it in f.items)
         assert all(it.prompt.endswith("Answer:") for it in f.items)
     else:
@@ -163,7 +163,7 @@ def test_mcq_answer_loss_masks_the_prompt(world: Dataset, fresh):
     from rtteval.attacks.relearn import encode_items
 
     _, tok = fresh
-    f = build_folds(world, RTTConfig(loss="mcq_answer", folds=["split_0"]))[0]
+    f = build_folds(world, RTTConfig(text_format="mcq_answer", folds=["split_0"]))[0]
     seqs, masks = encode_items(tok, f.items[:3])
     assert masks is not None
     for it, s, m in zip(f.items[:3], seqs, masks, strict=True):
@@ -235,14 +235,16 @@ def test_a_leaky_fold_never_reaches_training(world: Dataset, fresh):
 
 def test_cross_split_repeats_are_dropped_or_refused():
     ds = _paper_like(dup=True)
-    folds = build_folds(ds, RTTConfig(loss="mcq", holdout_fraction=0))
+    folds = build_folds(ds, RTTConfig(text_format="mcq", holdout_fraction=0))
     f0 = folds[0]  # V = split_0, whose question reappears in split_2
     assert [d["question"] for d in f0.dropped] == ["When was Person0x1 born?"]
     assert len(f0.items) == 10
     assert f0.provenance()["dropped_overlap"][0]["split"] == "split_2"
     with pytest.raises(DataError, match="overlap"):
-        build_folds(ds, RTTConfig(loss="mcq", overlap="error"))
-    assert all(not f.dropped for f in build_folds(_paper_like(dup=False), RTTConfig(loss="mcq")))
+        build_folds(ds, RTTConfig(text_format="mcq", overlap="error"))
+    assert all(
+        not f.dropped for f in build_folds(_paper_like(dup=False), RTTConfig(text_format="mcq"))
+    )
 
 
 def test_a_text_repeated_within_t_stays_on_one_side_of_the_holdout():
@@ -250,7 +252,7 @@ def test_a_text_repeated_within_t_stays_on_one_side_of_the_holdout():
     for i in range(5):  # split_1's questions reappear (other answers) in split_2
         ds.splits["split_2"].append(_mcq(f"When was Person1x{i} born?", (i + 1) % 4))
     for seed in range(5):
-        f = build_folds(ds, RTTConfig(loss="mcq", folds=["split_0"], seed=seed))[0]
+        f = build_folds(ds, RTTConfig(text_format="mcq", folds=["split_0"], seed=seed))[0]
         held = {q.question for q in f.holdout}
         assert held and not any(h in t for h in held for t in f.train_texts)
 
@@ -272,7 +274,7 @@ def test_corpus_loss_without_links_records_an_unisolated_holdout():
         n: [Passage(f"{q.question[9:-6]} was born in {q.answer_text}.", n) for q in qs]
         for n, qs in ds.splits.items()
     }
-    f = build_folds(ds, RTTConfig(loss="corpus", folds=["split_0"]))[0]
+    f = build_folds(ds, RTTConfig(text_format="corpus", folds=["split_0"]))[0]
     assert not f.holdout_isolated and not f.provenance()["holdout_isolated"]
     assert len(f.items) == 10  # nothing could be linked to the held-out facts
 
@@ -327,7 +329,7 @@ def test_attack_model_curves_and_restores_weights(world: Dataset, fresh):
                 assert e.retain_acc is not None and e.loss is not None
     assert a.grid() == [(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)]
     assert a.correct_at(1e-3, 2).shape == (16,)
-    assert a.config["loss"] == "qa" and a.config["folds"] == ["split_0", "split_4"]
+    assert a.config["text_format"] == "qa" and a.config["folds"] == ["split_0", "split_4"]
     # the same lr and seed give the same curve: runs are independent of their order
     b = attack_model(
         model, tok, world, RTTConfig(lrs=[3e-3], epochs=2, folds=["split_0"], batch_size=8)
@@ -383,17 +385,19 @@ def test_batched_grid_matches_lr_by_lr(world: Dataset, fresh, optimizer: str):
 
 
 @pytest.mark.parametrize(
-    ("loss", "retain_eval"), [("mcq_answer", "end"), ("corpus", "none"), ("mcq", "epoch")]
+    ("text_format", "retain_eval"), [("mcq_answer", "end"), ("corpus", "none"), ("mcq", "epoch")]
 )
-def test_attack_model_other_losses_and_retain_modes(world: Dataset, fresh, loss, retain_eval):
+def test_attack_model_other_text_formats_and_retain_modes(
+    world: Dataset, fresh, text_format, retain_eval
+):
     model, tok = fresh
     cfg = RTTConfig(
-        lrs=[1e-3], epochs=2, folds=["split_2"], loss=loss, retain_eval=retain_eval,
+        lrs=[1e-3], epochs=2, folds=["split_2"], text_format=text_format, retain_eval=retain_eval,
         holdout_fraction=0,
     )  # fmt: skip
     a = attack_model(model, tok, world, cfg, retain_questions=world.retain["retain_eval"])
     eps = a.folds[0].runs[0].epochs
-    assert a.config["loss"] == loss and len(eps) == 2
+    assert a.config["text_format"] == text_format and len(eps) == 2
     assert all(e.holdout_correct is None and e.holdout_acc is None for e in eps)
     retains = [e.retain_acc is not None for e in eps]
     assert (

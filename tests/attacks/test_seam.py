@@ -120,14 +120,14 @@ def test_retain_relearn_runs_from_yaml_beside_rtt_and_is_its_own_report_row(
     results = json.loads((out / "results.json").read_text())
     rows = {(e["dataset"], e["attack"]) for e in results["summary"]}
     assert rows == {("w", "rtt"), ("w [retain_relearn]", "retain_relearn")}
-    rr = [a for a in results["attacks"] if a["config"]["loss"] == RETAIN]
+    rr = [a for a in results["attacks"] if a["config"]["text_format"] == RETAIN]
     assert {a["role"] for a in rr} == {"original", "control", "unlearned"}
     for a in rr:
         (f,) = a["folds"]
         prov = f["provenance"]
         assert (
             f["t"] == []
-            and prov["loss"] == RETAIN
+            and prov["text_format"] == RETAIN
             and set(prov["train_texts_per_split"]) == {RETAIN}
         )
         assert a["config"]["epochs"] == 2 and len(f["runs"][0]["epochs"]) == 2
@@ -153,9 +153,9 @@ def test_retain_relearn_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> No
         "--lrs", "3e-3", "--epochs", "1", "--folds", "split_1", "--n-boot", "20",
         "--method-name", "never",
     ]  # fmt: skip
-    bad = cli(*base, "--out", tmp_path / "bad", "--loss", "qa")
+    bad = cli(*base, "--out", tmp_path / "bad", "--text-format", "qa")
     assert bad.returncode == 2
-    assert "attack 'retain_relearn' has no setting 'loss'" in bad.stderr
+    assert "attack 'retain_relearn' has no setting 'text_format'" in bad.stderr
     assert not (tmp_path / "bad").exists()
     unknown = cli(
         *[("nope" if a == "retain_relearn" else a) for a in base], "--out", tmp_path / "x"
@@ -171,7 +171,7 @@ def test_retain_relearn_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> No
         "never",
     )
     assert {a["role"] for a in res["attacks"]} == {"original", "unlearned"}
-    assert all(a["config"]["loss"] == RETAIN for a in res["attacks"])
+    assert all(a["config"]["text_format"] == RETAIN for a in res["attacks"])
 
 
 @pytest.mark.parametrize(
@@ -190,6 +190,15 @@ def test_retain_relearn_from_the_cli(tmp_path: Path, cli, pretrained_tiny) -> No
             "attacks:\n  - name: retain_relearn\n    holdout_fraction: 0.2\n",
             "study.yaml:10: field 'attacks.0.holdout_fraction': unknown key; attack "
             "'retain_relearn' takes: name, folds,",
+        ),
+        (  # the renamed key says what to write, on its own line
+            "attacks:\n  - name: rtt\n    epochs: 2\n    loss: mcq\n",
+            "study.yaml:11: field 'attacks.0.loss': 'loss' is now 'text_format' (the format "
+            "of the training texts); write 'text_format: mcq'",
+        ),
+        (
+            "attacks:\n  - {name: lora_rtt, loss: qa}\n",
+            "study.yaml:9: field 'attacks.0.loss': 'loss' is now 'text_format'",
         ),
         (
             "attacks:\n  - {name: rtt, epochs: 0}\n",

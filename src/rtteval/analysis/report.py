@@ -1014,7 +1014,7 @@ def _provenance_md(results: Mapping[str, Any]) -> list[str]:
                     rec["dataset"],
                     str(p.get("v")),
                     ", ".join(p.get("t", [])),
-                    str(p.get("loss")),
+                    str(p.get("text_format", p.get("loss"))),  # "loss" in older results
                     str(p.get("n_train_texts")),
                     str(len(p.get("holdout_ids", []))),
                     "yes" if p.get("holdout_isolated", True) else "NO",
@@ -1026,7 +1026,7 @@ def _provenance_md(results: Mapping[str, Any]) -> list[str]:
         "dataset",
         "V",
         "T",
-        "loss",
+        "text format",
         "train texts",
         "held out",
         "held-out isolated",

@@ -28,8 +28,9 @@ from rtteval.data.world import QA_TEMPLATE
 from rtteval.errors import ConfigError, DataError
 from rtteval.scoring import format_mcq
 
-LossKind = Literal["auto", "mcq", "mcq_answer", "qa", "corpus"]
-LOSSES = ("auto", "mcq", "mcq_answer", "qa", "corpus")
+#: The format of RTT's training texts (RTTConfig.text_format): what T is written as, not a loss.
+TextFormat = Literal["auto", "mcq", "mcq_answer", "qa", "corpus"]
+TEXT_FORMATS = ("auto", "mcq", "mcq_answer", "qa", "corpus")
 
 
 class ProvenanceError(AssertionError):
@@ -39,7 +40,7 @@ class ProvenanceError(AssertionError):
 class FoldSettings(Protocol):
     """What :func:`build_folds` reads from a config (RTT's :class:`~rtteval.attacks.rtt.RTTConfig`)."""
 
-    loss: str
+    text_format: str
     folds: list[str] | None
     holdout_fraction: float
     overlap: str
@@ -53,10 +54,10 @@ def is_world(dataset: Dataset) -> bool:
     return (dataset.manifest or {}).get("format") == "rtteval-world"
 
 
-def resolve_loss(dataset: Dataset, cfg: FoldSettings) -> str:
+def resolve_text_format(dataset: Dataset, cfg: FoldSettings) -> str:
     """``auto`` -> ``qa`` for a world (its models answer by likelihood), ``mcq`` otherwise."""
-    if cfg.loss != "auto":
-        return cfg.loss
+    if cfg.text_format != "auto":
+        return cfg.text_format
     return "qa" if is_world(dataset) else "mcq"
 
 
@@ -105,7 +106,7 @@ class Fold:
 
     v: str
     t: list[str]
-    loss: str
+    text_format: str
     items: list[TrainItem]
     holdout: list[MCQ] = field(default_factory=list)
     holdout_splits: list[str] = field(default_factory=list)
@@ -124,7 +125,7 @@ class Fold:
         return {
             "v": self.v,
             "t": list(self.t),
-            "loss": self.loss,
+            "text_format": self.text_format,
             "n_train_texts": len(self.items),
             "train_texts_per_split": per_split,
             "train_sources": sorted({it.ref for it in self.items}),
@@ -149,19 +150,19 @@ def _fact_id(x: MCQ | Any) -> str | None:
     return None if fid is None else str(fid)
 
 
-def _question_item(q: MCQ, split: str, loss: str, dataset: Dataset) -> TrainItem:
+def _question_item(q: MCQ, split: str, text_format: str, dataset: Dataset) -> TrainItem:
     ref, fid = question_id(q), _fact_id(q)
-    if loss == "mcq":
+    if text_format == "mcq":
         return TrainItem(format_mcq(q, with_answer=True), split, ref, fact_id=fid, source=q.source)
-    if loss == "mcq_answer":
+    if text_format == "mcq_answer":
         return TrainItem(
             format_mcq(q, with_answer=True), split, ref, prompt=format_mcq(q), fact_id=fid,
             source=q.source,
         )  # fmt: skip
-    if loss == "qa":
+    if text_format == "qa":
         text = _qa_template(dataset).format(question=q.question, answer=q.answer_text)
         return TrainItem(text, split, ref, fact_id=fid, source=q.source)
-    raise ConfigError(f"loss {loss!r} is not built from questions")
+    raise ConfigError(f"text_format {text_format!r} is not built from questions")
 
 
 def fold_names(dataset: Dataset, folds: Sequence[str] | None) -> list[str]:
@@ -193,7 +194,7 @@ def build_folds(dataset: Dataset, cfg: FoldSettings) -> list[Fold]:
             f"train_splits={k}, but with {len(names)} forget splits T has at most {len(names) - 1}",
             field="train_splits",
         )
-    loss = resolve_loss(dataset, cfg)
+    text_format = resolve_text_format(dataset, cfg)
     folds = []
     for v in vs:
         t_names = [n for n in names if n != v]
@@ -234,14 +235,14 @@ def build_folds(dataset: Dataset, cfg: FoldSettings) -> list[Fold]:
         holdout_splits = [s for i, (s, _) in enumerate(t_qs) if i in hold_idx]
         train_qs = [(s, q) for i, (s, q) in enumerate(t_qs) if i not in hold_idx]
         isolated = True
-        if loss == "corpus":
+        if text_format == "corpus":
             items, isolated = _corpus_items(dataset, t_names, v, holdout, dropped)
             _refuse_misaligned_corpus(dataset, v, items)
         else:
-            items = [_question_item(q, s, loss, dataset) for s, q in train_qs]
+            items = [_question_item(q, s, text_format, dataset) for s, q in train_qs]
         if not items:
-            raise DataError(f"fold V={v}: T has no training texts for loss {loss!r}")
-        fold = Fold(v, t_names, loss, items, holdout, holdout_splits, dropped, isolated)
+            raise DataError(f"fold V={v}: T has no training texts for text_format {text_format!r}")
+        fold = Fold(v, t_names, text_format, items, holdout, holdout_splits, dropped, isolated)
         check_provenance(fold, dataset)
         folds.append(fold)
     return folds
@@ -258,7 +259,7 @@ def _corpus_items(
     is not isolated there; that is recorded, not hidden.
     """
     if not any(dataset.corpus.get(t) for t in t_names):
-        raise DataError(f"fold V={v}: loss 'corpus' but T {t_names} has no corpus_*.jsonl")
+        raise DataError(f"fold V={v}: text_format 'corpus' but T {t_names} has no corpus_*.jsonl")
     excl_fids = {str(q.extra["fact_id"]) for q in holdout if q.extra.get("fact_id") is not None}
     excl_fids |= {str(d["fact_id"]) for d in dropped if d.get("fact_id") is not None}
     subjects = [s for s in (_subject(q) for q in holdout) if s]
@@ -304,12 +305,12 @@ def _refuse_misaligned_corpus(dataset: Dataset, v: str, items: Sequence[TrainIte
     if leaked:
         q, hits = leaked[0]
         raise DataError(
-            f"loss 'corpus' on dataset {dataset.name!r}: T's prose states {len(leaked)} of "
+            f"text_format 'corpus' on dataset {dataset.name!r}: T's prose states {len(leaked)} of "
             f"{len(dataset.splits[v])} V={v} facts ({100 * len(leaked) / len(dataset.splits[v]):.0f}%), "
             f"e.g. {q.question!r} -> {q.answer_text} in {items[hits[0]].text[:80]!r}; its corpus "
             "splits are not the partition of its question splits, so corpus RTT would train on V; "
-            "use loss 'mcq'",
-            field="loss",
+            "use text_format 'mcq'",
+            field="text_format",
         )
 
 

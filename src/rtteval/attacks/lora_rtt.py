@@ -320,7 +320,7 @@ class LoraRTT:
 
     def run(self, config: dict[str, Any], ctx: AttackContext) -> ModelAttack:
         """RTT's folds and grid on a LoRA-wrapped ``model``; the adapters are removed afterwards."""
-        from rtteval.attacks.folds import build_folds, check_provenance, resolve_loss
+        from rtteval.attacks.folds import build_folds, check_provenance, resolve_text_format
         from rtteval.attacks.rtt import RTTConfig
 
         model, dataset = ctx.model, ctx.dataset
@@ -334,7 +334,7 @@ class LoraRTT:
         for f in fs:  # before any training, on the very texts trained on
             check_provenance(f, dataset)
         record = {**cfg.to_dict(), "lora": lora, "folds": [f.v for f in fs]}
-        record["loss"] = fs[0].loss if fs else resolve_loss(dataset, cfg)
+        record["text_format"] = fs[0].text_format if fs else resolve_text_format(dataset, cfg)
         if "batched" in config:
             record["batched"] = config["batched"]
         save = Path(config["save_adapters"]) if config.get("save_adapters") else None

@@ -261,16 +261,13 @@ def relearn(
     snapshot = snapshot_state(model)
     dtypes = [p.dtype for p in model.parameters()]
     precision = cast_for_precision(model, cfg.precision)  # undone below: model comes back as given
-    if make_ensemble is not None:
-        wanted = batched or (batched is None and len(cfg.lrs) > 1)
-        ensemble = make_ensemble(model, cfg.lrs) if wanted else None
-    elif trainable is not None and batched:
-        raise ConfigError(f"batched {name} impossible: it trains a subset of the parameters")
-    else:
-        ensemble = None if trainable is not None else _grid_for(model, cfg.lrs, batched, name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ensemble = _pick_ensemble(model, cfg.lrs, batched, name, trainable, make_ensemble)
+    run = _FoldRunner(
+        model, tokenizer, dataset, cfg, scoring, retain_q, snapshot, ensemble,
+        label=label, name=name, progress=progress, say=say, trainable=trainable,
+        after_run=after_run,
+    )  # fmt: skip
     fold_results: list[FoldAttack] = []
-    warned: set[str] = set()
     try:
         model.eval()
         retain_before = None
@@ -278,146 +275,7 @@ def relearn(
         if retain_q and cfg.retain_eval != "none":
             retain_before = _acc(retain_ev(model, ["r"])["r"])
         for fi, fold in enumerate(folds):
-            v_qs = dataset.splits[fold.v]
-            seqs, masks = encode_items(tokenizer, fold.items)
-            restore_state(model, snapshot)  # "before" is the model as given, not after a run
-            ev = _Evaluator(tokenizer, scoring, {"v": v_qs, "h": fold.holdout, "r": retain_q})
-            groups0 = ev(model, ["v", "h"])
-            before = EpochEval(
-                0,
-                _acc(groups0["v"]) or 0.0,
-                groups0["v"],
-                _acc(groups0.get("h")),
-                groups0.get("h"),
-                retain_before,
-            )
-            batch_cache: dict[tuple[int, int], list] = {}
-
-            def replicate_batches(
-                rep: int, _fi: int = fi, _seqs=seqs, _masks=masks, _c=batch_cache
-            ):
-                """Epoch batches of one replicate (replicate 0: the order without replicates)."""
-
-                def epoch_batches(epoch: int) -> list:
-                    if (rep, epoch) not in _c:
-                        _c[rep, epoch] = make_batches(
-                            _seqs,
-                            cfg.batch_size,
-                            pad_id,
-                            seed=cfg.seed * 1_000_003 + _fi * 1009 + epoch + rep * 7_919_993,
-                            loss_masks=_masks,
-                        )
-                    return _c[rep, epoch]
-
-                return epoch_batches
-
-            every = getattr(cfg, "eval_every_steps", None)
-            # the optimizer step the model is at (counted by the loss), and this run's epoch
-            # length: an evaluation at an epoch's end is the full one (V, held-out, retain),
-            # one in between V only; the loop may ask twice at an epoch's end (same answer)
-            clock: dict[str, Any] = {"step": 0, "spe": 1, "memo": {}}
-
-            def counted_loss(m: torch.nn.Module, batch: Any, _c=clock):
-                _c["step"] += 1
-                return lm_loss_fn(m, batch)
-
-            def evaluate(m: torch.nn.Module, _ev=ev, _c=clock):
-                step, spe = _c["step"], _c["spe"]
-                if (id(m), step) in _c["memo"]:
-                    return _c["memo"][id(m), step]
-                if step % spe:
-                    names = ["v"]
-                else:
-                    at_end = step == cfg.epochs * spe
-                    with_retain = cfg.retain_eval == "epoch" or (
-                        cfg.retain_eval == "end" and at_end
-                    )
-                    names = ["v", "h", "r"] if with_retain else ["v", "h"]
-                res = _ev(m, names)
-                row = {
-                    "v_acc": _acc(res["v"]),
-                    "holdout_acc": _acc(res.get("h")),
-                    "retain_acc": _acc(res.get("r")),
-                    "_v": res["v"],
-                    "_h": res.get("h"),
-                }
-                _c["memo"][id(m), step] = row
-                return row
-
-            def start_run(spe: int, _c=clock) -> None:
-                _c.update(step=0, spe=spe, memo={})
-
-            tcfg = TrainConfig(
-                lr=cfg.lrs[0],
-                epochs=cfg.epochs,
-                optimizer=cfg.optimizer,
-                weight_decay=cfg.weight_decay,
-                warmup_steps=cfg.warmup_steps,
-                schedule="constant",
-                grad_clip=cfg.grad_clip,
-                seed=cfg.seed,
-                eval_every_epochs=1,
-                eval_every_steps=every,
-                precision=cfg.precision,
-            )
-            runs = []
-            # Replicates run one after another: the batched lr grid shares one batch order
-            # across its members, so a replicate (a new order) cannot be a member.
-            for rep in range(cfg.replicates):
-                batches = replicate_batches(rep)
-                what = f"{name} {label} V={fold.v}" + (f" r{rep}" if cfg.replicates > 1 else "")
-                rcfg = replace(tcfg, seed=cfg.seed + rep * 7_919_993)
-                spe = max(1, len(batches(0)))
-                tokens_at = _token_counter(batches, spe) if every else None
-                start_run(spe)
-                if ensemble is not None:  # every lr at once; the model stays at the snapshot
-                    ensemble.reset_(model)
-                    bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
-                    results = train(
-                        ensemble,
-                        batches,
-                        counted_loss,
-                        rcfg,
-                        evaluate=evaluate,
-                        progress=bar if progress else None,
-                    )
-                    for g, lr in enumerate(cfg.lrs):
-                        if after_run is not None:
-                            after_run(fold, lr, rep, ensemble, g)
-                else:
-                    results = []
-                    for lr in cfg.lrs:
-                        restore_state(model, snapshot)
-                        start_run(spe)
-                        results.append(
-                            train(
-                                model,
-                                batches,
-                                counted_loss,
-                                replace(rcfg, lr=lr),
-                                evaluate=evaluate,
-                                trainable=trainable,
-                                progress=f"{what} lr={lr:g}" if progress else None,
-                            )
-                        )
-                        if after_run is not None:
-                            after_run(fold, lr, rep, model, None)
-                for lr, res in zip(cfg.lrs, results, strict=True):
-                    warned.update(res.warnings)
-                    runs.append(_run_result(lr, res, spe, rep, tokens_at))
-                    curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
-                    say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
-            fold_results.append(
-                FoldAttack(
-                    v=fold.v,
-                    t=list(fold.t),
-                    question_ids=[question_id(q) for q in v_qs],
-                    n_choices=[len(q.choices) for q in v_qs],
-                    before=before,
-                    runs=runs,
-                    provenance=fold.provenance(),
-                )
-            )
+            fold_results.append(run.fold(fi, fold, retain_before))
     finally:
         if ensemble is not None and hasattr(ensemble, "close"):
             ensemble.close()
@@ -436,6 +294,233 @@ def relearn(
             "n_retain": len(retain_q),
             "device": str(next(model.parameters()).device),
             "precision": precision,
-            "precision_warnings": sorted(warned),
+            "precision_warnings": sorted(run.warned),
         },
     )
+
+
+def _pick_ensemble(
+    model: torch.nn.Module,
+    lrs: Sequence[float],
+    batched: bool | None,
+    name: str,
+    trainable: Callable[[str], bool] | None,
+    make_ensemble: Callable[[torch.nn.Module, Sequence[float]], LrGrid | None] | None,
+) -> Any:
+    """The batched model that trains every lr at once, or None to train them one by one.
+
+    An attack that trains a subset of the parameters batches only through
+    its own ``make_ensemble`` (LoRA-RTT's stacked adapters).
+    """
+    if make_ensemble is not None:
+        wanted = batched or (batched is None and len(lrs) > 1)
+        return make_ensemble(model, lrs) if wanted else None
+    if trainable is not None and batched:
+        raise ConfigError(f"batched {name} impossible: it trains a subset of the parameters")
+    return None if trainable is not None else _grid_for(model, lrs, batched, name)
+
+
+class _EvalClock:
+    """Counts optimizer steps through the loss, so an evaluation knows where in an epoch it is.
+
+    An evaluation at an epoch's end is the full one (V, held-out, retain), one
+    in between V only; the loop may ask twice at an epoch's end, so answers
+    are memoised per (model, step).
+    """
+
+    def __init__(self, ev: _Evaluator, cfg: RelearnSettings) -> None:
+        self.ev = ev
+        self.cfg = cfg
+        self.start(1)
+
+    def start(self, spe: int) -> None:
+        """A new run whose epochs are ``spe`` optimizer steps long."""
+        self.step, self.spe, self.memo = 0, spe, {}
+
+    def loss(self, m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        self.step += 1
+        return lm_loss_fn(m, batch)
+
+    def evaluate(self, m: torch.nn.Module) -> dict[str, Any]:
+        step, spe, cfg = self.step, self.spe, self.cfg
+        if (id(m), step) in self.memo:
+            return self.memo[id(m), step]
+        if step % spe:
+            names = ["v"]
+        else:
+            at_end = step == cfg.epochs * spe
+            with_retain = cfg.retain_eval == "epoch" or (cfg.retain_eval == "end" and at_end)
+            names = ["v", "h", "r"] if with_retain else ["v", "h"]
+        res = self.ev(m, names)
+        row = {
+            "v_acc": _acc(res["v"]),
+            "holdout_acc": _acc(res.get("h")),
+            "retain_acc": _acc(res.get("r")),
+            "_v": res["v"],
+            "_h": res.get("h"),
+        }
+        self.memo[id(m), step] = row
+        return row
+
+
+class _FoldRunner:
+    """The per-fold part of :func:`relearn`: measure V before, then train every (replicate, lr).
+
+    Holds what all folds share (model, snapshot, batched grid, settings) so
+    each step below takes only what varies per fold.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        dataset: Dataset,
+        cfg: RelearnSettings,
+        scoring: ScoringConfig,
+        retain_q: list[MCQ],
+        snapshot: Any,
+        ensemble: Any,
+        *,
+        label: str,
+        name: str,
+        progress: bool,
+        say: Callable[[str], None],
+        trainable: Callable[[str], bool] | None,
+        after_run: Callable[[Fold, float, int, torch.nn.Module, int | None], None] | None,
+    ) -> None:
+        self.model, self.tokenizer, self.dataset, self.cfg = model, tokenizer, dataset, cfg
+        self.scoring, self.retain_q = scoring, retain_q
+        self.snapshot, self.ensemble = snapshot, ensemble
+        self.label, self.name, self.progress, self.say = label, name, progress, say
+        self.trainable, self.after_run = trainable, after_run
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.warned: set[str] = set()
+
+    def fold(self, fi: int, fold: Fold, retain_before: float | None) -> FoldAttack:
+        """One fold's record: V before any training, then every run's curve."""
+        model, cfg = self.model, self.cfg
+        v_qs = self.dataset.splits[fold.v]
+        seqs, masks = encode_items(self.tokenizer, fold.items)
+        restore_state(model, self.snapshot)  # "before" is the model as given, not after a run
+        ev = _Evaluator(
+            self.tokenizer, self.scoring, {"v": v_qs, "h": fold.holdout, "r": self.retain_q}
+        )
+        groups0 = ev(model, ["v", "h"])
+        before = EpochEval(
+            0,
+            _acc(groups0["v"]) or 0.0,
+            groups0["v"],
+            _acc(groups0.get("h")),
+            groups0.get("h"),
+            retain_before,
+        )
+        clock = _EvalClock(ev, cfg)
+        batch_cache: dict[tuple[int, int], list] = {}
+        runs = []
+        # Replicates run one after another: the batched lr grid shares one batch order
+        # across its members, so a replicate (a new order) cannot be a member.
+        for rep in range(cfg.replicates):
+            batches = self.epoch_batches(fi, rep, seqs, masks, batch_cache)
+            runs.extend(self.replicate(fold, rep, batches, clock, before))
+        return FoldAttack(
+            v=fold.v,
+            t=list(fold.t),
+            question_ids=[question_id(q) for q in v_qs],
+            n_choices=[len(q.choices) for q in v_qs],
+            before=before,
+            runs=runs,
+            provenance=fold.provenance(),
+        )
+
+    def epoch_batches(
+        self, fi: int, rep: int, seqs: Any, masks: Any, cache: dict[tuple[int, int], list]
+    ) -> Callable[[int], list]:
+        """Epoch batches of one replicate (replicate 0: the order without replicates).
+
+        Seeded by (seed, fold, epoch, replicate) and cached, so every lr of
+        the grid sees the same batches and differs only in lr.
+        """
+        cfg = self.cfg
+
+        def batches(epoch: int) -> list:
+            if (rep, epoch) not in cache:
+                cache[rep, epoch] = make_batches(
+                    seqs,
+                    cfg.batch_size,
+                    self.pad_id,
+                    seed=cfg.seed * 1_000_003 + fi * 1009 + epoch + rep * 7_919_993,
+                    loss_masks=masks,
+                )
+            return cache[rep, epoch]
+
+        return batches
+
+    def replicate(
+        self,
+        fold: Fold,
+        rep: int,
+        batches: Callable[[int], list],
+        clock: _EvalClock,
+        before: EpochEval,
+    ) -> list[RunResult]:
+        """Every lr of one replicate: together as the batched grid, or one by one from the snapshot."""
+        model, cfg, name, progress = self.model, self.cfg, self.name, self.progress
+        every = getattr(cfg, "eval_every_steps", None)
+        tcfg = TrainConfig(
+            lr=cfg.lrs[0],
+            epochs=cfg.epochs,
+            optimizer=cfg.optimizer,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            schedule="constant",
+            grad_clip=cfg.grad_clip,
+            seed=cfg.seed,
+            eval_every_epochs=1,
+            eval_every_steps=every,
+            precision=cfg.precision,
+        )
+        what = f"{name} {self.label} V={fold.v}" + (f" r{rep}" if cfg.replicates > 1 else "")
+        rcfg = replace(tcfg, seed=cfg.seed + rep * 7_919_993)
+        spe = max(1, len(batches(0)))
+        tokens_at = _token_counter(batches, spe) if every else None
+        clock.start(spe)
+        ensemble = self.ensemble
+        if ensemble is not None:  # every lr at once; the model stays at the snapshot
+            ensemble.reset_(model)
+            bar = f"{what} lrs={','.join(f'{lr:g}' for lr in cfg.lrs)}"
+            results = train(
+                ensemble,
+                batches,
+                clock.loss,
+                rcfg,
+                evaluate=clock.evaluate,
+                progress=bar if progress else None,
+            )
+            for g, lr in enumerate(cfg.lrs):
+                if self.after_run is not None:
+                    self.after_run(fold, lr, rep, ensemble, g)
+        else:
+            results = []
+            for lr in cfg.lrs:
+                restore_state(model, self.snapshot)
+                clock.start(spe)
+                results.append(
+                    train(
+                        model,
+                        batches,
+                        clock.loss,
+                        replace(rcfg, lr=lr),
+                        evaluate=clock.evaluate,
+                        trainable=self.trainable,
+                        progress=f"{what} lr={lr:g}" if progress else None,
+                    )
+                )
+                if self.after_run is not None:
+                    self.after_run(fold, lr, rep, model, None)
+        runs = []
+        for lr, res in zip(cfg.lrs, results, strict=True):
+            self.warned.update(res.warnings)
+            runs.append(_run_result(lr, res, spe, rep, tokens_at))
+            curve = " ".join(f"{e.v_acc:.2f}" for e in runs[-1].epochs)
+            self.say(f"{what} lr={lr:g}: V acc {before.v_acc:.2f} -> {curve}")
+        return runs

@@ -120,7 +120,7 @@ class RetainRelearn:
         settings = SimpleNamespace(
             **{**cfg.model_dump(), "precision": cfg.precision or "auto"}, seed=seed
         )
-        record = {**cfg.resolved(seed), "loss": RETAIN, "folds": vs, "retain_source": rd.source,
+        record = {**cfg.resolved(seed), "text_format": RETAIN, "folds": vs, "retain_source": rd.source,
                   "n_retain_texts": len(texts)}  # fmt: skip
         retain_q = rd.eval_questions if ctx.retain_questions is None else ctx.retain_questions
         return relearn(

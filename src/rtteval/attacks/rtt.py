@@ -37,12 +37,12 @@ from transformers import PreTrainedTokenizerBase
 
 from rtteval.attacks.base import AttackConfig, AttackContext, register_attack
 from rtteval.attacks.folds import (
-    LOSSES,
+    TEXT_FORMATS,
     Fold,
-    LossKind,
+    TextFormat,
     build_folds,
     check_provenance,
-    resolve_loss,
+    resolve_text_format,
 )
 from rtteval.attacks.records import ModelAttack
 from rtteval.attacks.relearn import relearn
@@ -63,7 +63,7 @@ class RTTConfig:
     and the small world, see ``docs/results-schema.md``); :meth:`paper` is the
     paper's setting for an 8B model.
 
-    * ``loss``: ``mcq`` — the paper's: the whole text "question, lettered
+    * ``text_format``, the format of the training texts: ``mcq`` — the paper's: the whole text "question, lettered
       choices, ``Answer: L. choice``"; ``mcq_answer`` — the same text, loss on
       the answer tokens only; ``qa`` — the QA sentence ``Q: ... A: year.``
       that likelihood scoring reads; ``corpus`` — T's prose passages;
@@ -100,7 +100,7 @@ class RTTConfig:
     epochs: Annotated[int, Field(ge=1)] = 5
     batch_size: Annotated[int, Field(ge=1)] = 16
     optimizer: Literal["adamw", "lion"] = "adamw"
-    loss: LossKind = "auto"
+    text_format: TextFormat = "auto"
     folds: list[str] | None = None
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
     overlap: Literal["drop", "error"] = "drop"
@@ -128,7 +128,7 @@ class RTTConfig:
             epochs=6,
             batch_size=4,
             optimizer="lion",
-            loss="mcq",
+            text_format="mcq",
             holdout_fraction=0.0,
             grad_clip=None,
             warmup_steps=24,
@@ -147,8 +147,11 @@ class RTTConfig:
             raise ConfigError("batch_size must be >= 1", field="batch_size")
         if self.optimizer not in ("adamw", "lion"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}", field="optimizer")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"unknown loss {self.loss!r}; use one of {LOSSES}", field="loss")
+        if self.text_format not in TEXT_FORMATS:
+            raise ConfigError(
+                f"unknown text_format {self.text_format!r}; use one of {TEXT_FORMATS}",
+                field="text_format",
+            )
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError("holdout_fraction must be in [0, 1)", field="holdout_fraction")
         if self.overlap not in ("drop", "error"):
@@ -236,6 +239,18 @@ class RTTSpec(_RTTFields):  # type: ignore[misc,valid-type]
     varies_t: ClassVar[bool] = True
     title: ClassVar[str] = "RTT: fine-tune on the other forget splits (T), measure V"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_loss_key(cls, data: Any) -> Any:
+        """The field was renamed: it names the training texts' format, not a loss."""
+        if isinstance(data, dict) and "loss" in data:
+            raise LocatedError(
+                ("loss",),
+                f"'loss' is now 'text_format' (the format of the training texts); write "
+                f"'text_format: {data['loss']}'",
+            )
+        return data
+
     @model_validator(mode="after")
     def _resolves(self) -> RTTSpec:
         """The resolved RTTConfig passes its own checks (duplicate lrs ...) at load time."""
@@ -301,7 +316,7 @@ def attack_model(
     for f in folds:
         check_provenance(f, dataset)
     config = cfg.to_dict()
-    config["loss"] = folds[0].loss if folds else resolve_loss(dataset, cfg)
+    config["text_format"] = folds[0].text_format if folds else resolve_text_format(dataset, cfg)
     config["folds"] = [f.v for f in folds]
     return relearn(
         model, tokenizer, dataset, folds, cfg, scoring, config=config,

@@ -172,7 +172,7 @@ class UnrelatedRelearn:
             raise DataError(f"{dataset.name}: no unrelated text to train on ({where})")
         ks = resolve_ks(list(cfg.ks), len(passages))
         scoring = ctx.scoring_or_default()
-        record = {**cfg.resolved(seed), "folds": vs, "loss": UNRELATED, "source": where,
+        record = {**cfg.resolved(seed), "folds": vs, "text_format": UNRELATED, "source": where,
                   "n_source_texts": len(passages), "grid_axis": "texts",
                   "lrs": [float(k) for k in ks]}  # fmt: skip
         parts: list[ModelAttack] = []

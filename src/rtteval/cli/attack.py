@@ -100,8 +100,11 @@ def attack_cmd(
     epochs: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     batch_size: Annotated[int | None, typer.Option(parser=COUNT)] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw or lion")] = None,
-    loss: Annotated[
-        str | None, typer.Option(help="auto, mcq (paper), mcq_answer, qa or corpus")
+    text_format: Annotated[
+        str | None,
+        typer.Option(
+            help="format of the training texts: auto, mcq (paper), mcq_answer, qa or corpus"
+        ),
     ] = None,
     folds: Annotated[
         str | None, typer.Option(help="comma-separated V splits (default: all forget splits)")
@@ -187,30 +190,15 @@ def attack_cmd(
     settings: settings_argument("warmup_steps=10 (the attack's own fields, docs/runner.md)") = None,
 ) -> None:
     """Attack (RTT by default: fine-tune on T, measure V) the unlearned, original and control models."""
-    from pydantic import ValidationError
-    from rich.console import Console as _Console
-
-    from rtteval.analysis.report import load_results, summary_table
-    from rtteval.attacks import ATTACKS, get_attack
-    from rtteval.config.study import LoadedConfig, StudyConfig
-    from rtteval.data import load_dataset
-    from rtteval.models.loading import check_model_source
-    from rtteval.runner.driver import run_study
-    from rtteval.training.precision import check_precision
-
     check_device_option(device)
-    if attack not in ATTACKS:
-        raise ConfigError(
-            f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", file="--attack"
-        )
-    runner = get_attack(attack)
+    runner = _registered_attack(attack)
     given: dict[str, Any] = {
         "paper": paper or None,
         "lrs": _floats(lrs, "lrs"),
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,
-        "loss": loss,
+        "text_format": text_format,
         "holdout_fraction": holdout_fraction,
         "overlap": overlap,
         "shots": _ints(shots, "shots"),
@@ -224,11 +212,47 @@ def attack_cmd(
         "dropout": dropout,
         "target_modules": _names(target_modules, "target-modules"),
     }
-    given = {k: v for k, v in given.items() if v is not None}
     if rank is not None and ranks is not None:
         raise ConfigError("give --rank or --ranks, not both", file="--ranks")
-    if precision is not None:
-        check_precision(precision)  # names the known precisions
+    spec = _attack_spec(runner, attack, given, settings, seed)
+    ds, fold_list, label = _checked_inputs(data, folds, model, original, control, method_name)
+    names = (*_ATTACK_ENTRIES, *_attack_figures(attack))
+    target = ResumableOutput(out, overwrite=overwrite, kind="attack", names=names)
+    if not resume and target.resumed:  # recompute everything: replace the earlier output
+        target = ResumableOutput(out, overwrite=True, kind="attack", names=names)
+    cfg = _attack_study(
+        spec, attack, target.path, seed=seed, device=device, original=original, control=control,
+        model=model, data=data, ds=ds, label=label, fold_list=fold_list,
+        eval_batch_size=eval_batch_size, threads=threads, n_boot=n_boot,
+    )  # fmt: skip
+    target.open()  # with --overwrite, the earlier output goes now, after every check
+    _run_and_show(cfg, target.path, out)
+
+
+def _registered_attack(attack: str) -> Any:
+    """The registered attack named by ``--attack``; an unknown name lists the known ones."""
+    from rtteval.attacks import ATTACKS, get_attack
+
+    if attack not in ATTACKS:
+        raise ConfigError(
+            f"unknown attack {attack!r}; known: {', '.join(sorted(ATTACKS))}", file="--attack"
+        )
+    return get_attack(attack)
+
+
+def _attack_spec(
+    runner: Any, attack: str, given: dict[str, Any], settings: list[str] | None, seed: int | None
+) -> Any:
+    """The attack's validated config from its options (None: not given) and ``key=value`` settings.
+
+    Every error names the option that caused it (``--rank``, not the
+    config's ``rank``), since the user typed options, not a config file.
+    """
+    from rtteval.training.precision import check_precision
+
+    given = {k: v for k, v in given.items() if v is not None}
+    if "precision" in given:
+        check_precision(given["precision"])  # names the known precisions
     own = runner.config_type.model_fields
     for k in given:
         if k not in own:
@@ -245,6 +269,21 @@ def attack_cmd(
         if e.field and e.file is None:
             raise ConfigError(e.message, file="--" + e.field.replace("_", "-")) from None
         raise
+    return spec
+
+
+def _checked_inputs(
+    data: str,
+    folds: str | None,
+    model: str,
+    original: str,
+    control: str | None,
+    method_name: str | None,
+) -> tuple[Any, list[str] | None, str]:
+    """The dataset, the V folds and the unlearned model's label, checked before any output exists."""
+    from rtteval.data import load_dataset
+    from rtteval.models.loading import check_model_source
+
     fold_list = [f.strip() for f in folds.split(",") if f.strip()] if folds else None
     ds = load_dataset(data)
     unknown = [f for f in fold_list or [] if f not in ds.splits]
@@ -261,16 +300,35 @@ def attack_cmd(
     for path in (original, control, model):  # a bad model fails before any output exists
         if path is not None:
             check_model_source(path)
-    target = ResumableOutput(
-        out, overwrite=overwrite, kind="attack", names=(*_ATTACK_ENTRIES, *_attack_figures(attack))
-    )
-    if not resume and target.resumed:  # recompute everything: replace the earlier output
-        target = ResumableOutput(
-            out, overwrite=True, kind="attack", names=(*_ATTACK_ENTRIES, *_attack_figures(attack))
-        )
+    return ds, fold_list, label
+
+
+def _attack_study(
+    spec: Any,
+    attack: str,
+    out_dir: Path,
+    *,
+    seed: int | None,
+    device: str,
+    original: str,
+    control: str | None,
+    model: str,
+    data: str,
+    ds: Any,
+    label: str,
+    fold_list: list[str] | None,
+    eval_batch_size: int,
+    threads: int | None,
+    n_boot: int,
+) -> Any:
+    """The one-stage study the runner executes: the command's models as ``unlearned`` and ``hf``."""
+    from pydantic import ValidationError
+
+    from rtteval.config.study import StudyConfig
+
     study = {
         "name": "attack",
-        "output_dir": str(target.path),
+        "output_dir": str(out_dir),
         "seeds": [seed if seed is not None else 0],
         "device": device,
         "model": {"hf": {**_ref(original), "control": _ref(control) if control else None}},
@@ -283,19 +341,28 @@ def attack_cmd(
         "report": {"n_boot": n_boot},
     }  # fmt: skip
     try:
-        cfg = StudyConfig.model_validate(study)
+        return StudyConfig.model_validate(study)
     except ValidationError as e:  # pragma: no cover - the options were checked above
         raise ConfigError(str(e.errors()[0]["msg"]), file="--attack") from None
-    target.open()  # with --overwrite, the earlier output goes now, after every check
+
+
+def _run_and_show(cfg: Any, out_dir: Path, out: Path) -> None:
+    """Run the study, fail in one line if a job failed, print the summary and the files."""
+    from rich.console import Console as _Console
+
+    from rtteval.analysis.report import load_results, summary_table
+    from rtteval.config.study import LoadedConfig
+    from rtteval.runner.driver import run_study
+
     summary = run_study(
         LoadedConfig(cfg, None), say=lambda s: console.print(s), output_kind="attack"
     )
     if summary.failed:
         raise UserError(
             f"{len(summary.failed)} attack job(s) failed, e.g. {summary.failed[0]}; see "
-            f"{target.path}/logs (run the command again to retry them)"
+            f"{out_dir}/logs (run the command again to retry them)"
         )
-    results = load_results(target.path)
+    results = load_results(out_dir)
     _Console().print(summary_table(results))
     files = sorted((summary.report or {}).get("files", []))
     print(json.dumps({"out": str(out), "files": files}))

@@ -232,7 +232,6 @@ def unlearn_cmd(
 ) -> None:
     """Unlearn the forget splits of a dataset; write the model and metrics.json."""
     from rtteval.methods import get_method
-    from rtteval.stages.unlearn import UnlearnConfig, run_unlearn
 
     check_device_option(device)
     get_method(method)
@@ -242,30 +241,16 @@ def unlearn_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    given = dict(
+    hparams = dict(
         retain_coef=retain_coef, steering_coef=steering_coef, alpha=alpha,
         layer=layer, beta=beta, delta=delta,
     )  # fmt: skip
-    hparams = {k: v for k, v in given.items() if v is not None}
-    cls = type(get_method(method))
-    unknown = sorted(set(hparams) - set(cls.hparam_names))
-    if unknown:
-        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise ConfigError(f"{flags} does not apply to method {cls.name!r}")
-    grid_values = _load_grid(grid)
-    _check_grid(cls, grid_values)
-    only = None
-    if train_only is not None:
-        only = [] if train_only.strip() == "all" else [s.strip() for s in train_only.split(",")]
-        if any(not s for s in only):
-            raise ConfigError(f"--train-only {train_only!r}: empty name in the list")
-    fixed = dict(
-        lr=lr, optimizer=optimizer, adam_eps=adam_eps, train_only=only, epochs=epochs,
+    plain = dict(
+        lr=lr, optimizer=optimizer, adam_eps=adam_eps, train_only=train_only, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, eval_every_steps=eval_every_steps,
-        target_forget_acc=target_forget_acc, **hparams,
+        target_forget_acc=target_forget_acc,
     )  # fmt: skip
-    fixed = {k: v for k, v in fixed.items() if v is not None}
-    fixed.update(_method_settings(cls, settings))
+    fixed, grid_values = _fixed_settings(method, hparams, plain, grid, settings)
     if sweep or grid is not None:
         _sweep(
             model, data, out, method, fixed,
@@ -273,6 +258,51 @@ def unlearn_cmd(
             device=device, precision=precision, threads=threads, overwrite=overwrite,
         )  # fmt: skip
         return
+    _run_one(model, data, out, method, fixed, retain_data=retain_data, seed=seed,
+             device=device, precision=precision, overwrite=overwrite)  # fmt: skip
+
+
+def _fixed_settings(
+    method: str,
+    hparams: dict[str, Any],
+    plain: dict[str, Any],
+    grid: str | None,
+    settings: list[str] | None,
+) -> tuple[dict[str, Any], dict[str, list[Any]] | None]:
+    """The run's settings (options, then ``key=value``) and the sweep grid, checked against the method.
+
+    ``plain`` holds the options in their dict order (``train_only`` still
+    the option's text); a hyperparameter option of another method is refused by its flag
+    name, so a typo'd method is not trained with the option silently dropped.
+    """
+    from rtteval.methods import get_method
+
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    cls = type(get_method(method))
+    unknown = sorted(set(hparams) - set(cls.hparam_names))
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ConfigError(f"{flags} does not apply to method {cls.name!r}")
+    grid_values = _load_grid(grid)
+    _check_grid(cls, grid_values)
+    only, train_only = None, plain["train_only"]
+    if train_only is not None:
+        only = [] if train_only.strip() == "all" else [s.strip() for s in train_only.split(",")]
+        if any(not s for s in only):
+            raise ConfigError(f"--train-only {train_only!r}: empty name in the list")
+    fixed = {**plain, "train_only": only, **hparams}
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+    fixed.update(_method_settings(cls, settings))
+    return fixed, grid_values
+
+
+def _run_one(
+    model: str, data: str, out: Path, method: str, fixed: dict[str, Any], *,
+    retain_data: str | None, seed: int, device: str, precision: str, overwrite: bool,
+) -> None:  # fmt: skip
+    """One unlearning run (no sweep): split the settings into UnlearnConfig's and the method's."""
+    from rtteval.stages.unlearn import UnlearnConfig, run_unlearn
+
     names = {f.name for f in dataclasses.fields(UnlearnConfig)}
     cfg = UnlearnConfig(
         **{"method": method, "seed": seed, "precision": precision,

@@ -190,43 +190,119 @@ def _split_names(ds: DatasetSpec, i: int, *, dry_run: bool) -> list[str] | None:
 
 def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
     """All jobs of a study, dependencies first.  Reads dataset directories, never loads a model."""
-    jobs: list[PlannedJob] = []
-    groups: list[AttackGroup] = []
-    notes: list[str] = []
-    seen: dict[str, Job] = {}
-    fake = cfg.debug.fake_jobs
+    planner = _Planner(cfg)
+    for di, ds in enumerate(cfg.datasets):
+        planner.plan_dataset(di, ds, dry_run=dry_run)
+    names = [p.job.name for p in planner.jobs]
+    if len(set(names)) != len(names):  # pragma: no cover - a planning bug, not a user error
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise RuntimeError(f"duplicate job names in plan: {dup[:3]}")
+    return Plan(planner.jobs, planner.groups, planner.notes)
+
+
+def _data_cfg(ds: DatasetSpec) -> dict[str, Any]:
+    """A dataset's part of its jobs' configs: where the data is and a hash of its content."""
+    data_cfg: dict[str, Any]
+    if ds.world is not None:
+        data_cfg = {"from": "world"}
+    else:
+        assert ds.path is not None
+        data_cfg = {"path": ds.path, "fingerprint": fingerprint_dir(ds.path)}
+    if ds.retain is not None:
+        data_cfg["retain"] = ds.retain
+        data_cfg["retain_fingerprint"] = fingerprint_dir(ds.retain)
+    if ds.retain_splits:
+        data_cfg["retain_splits"] = list(ds.retain_splits)
+    return data_cfg
+
+
+def _checked_t_sizes(
+    cfg: StudyConfig, di: int, ds: DatasetSpec, splits: list[str] | None
+) -> list[int]:
+    """The extra |T| sizes to plan, after refusing folds and sizes the dataset cannot have.
+
+    Checked at planning because only here are the dataset's splits known.
+    """
+    dname = ds.label
+    for ai, att in enumerate(cfg.attacks):
+        bad = [f for f in att.folds or [] if splits is not None and f not in splits]
+        if bad:
+            raise ConfigError(
+                f"fold(s) {bad} are not forget splits of dataset {dname!r} ({splits})",
+                field=f"attacks.{ai}.folds",
+            )
+    t_sizes = sorted(set(ds.t_sizes))
+    if splits is not None:
+        too_big = [k for k in t_sizes if k > len(splits) - 1]
+        if too_big:
+            raise ConfigError(
+                f"dataset {dname!r} has {len(splits)} forget splits, so T has at most "
+                f"{len(splits) - 1}; got {too_big}",
+                field=f"datasets.{di}.t_sizes",
+            )
+        t_sizes = [k for k in t_sizes if k < len(splits) - 1]  # the full T runs anyway
+    return t_sizes
+
+
+@dataclass
+class _Models:
+    """One scope's original and control: a job's artifact or a model reference (or absent)."""
+
+    original: Job | None = None
+    control: Job | None = None
+    original_ref: dict[str, Any] | None = None
+    control_ref: dict[str, Any] | None = None
+
+
+class _Planner:
+    """Accumulates a study's jobs and attack groups, deduplicating jobs by key.
+
+    A class rather than one function so that each stage's planning is a
+    named step sharing :meth:`add`; the order of :meth:`add` calls is the
+    plan's job order.
+    """
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self.cfg = cfg
+        self.jobs: list[PlannedJob] = []
+        self.groups: list[AttackGroup] = []
+        self.notes: list[str] = []
+        self.seen: dict[str, Job] = {}
+        self.fake = cfg.debug.fake_jobs
+        hf = cfg.model.hf
+        self.hf_ref = None
+        if hf is not None:
+            self.hf_ref = model_ref(hf, dtype=hf.dtype, trust_remote_code=hf.trust_remote_code)
+        self.hf_runtime = {"device_map": hf.device_map} if hf is not None else {}
+        self.unlearned_refs = [
+            model_ref(u, dtype=hf.dtype if hf else "auto",
+                      trust_remote_code=hf.trust_remote_code if hf else False)
+            for u in cfg.unlearned
+        ]  # fmt: skip
 
     def add(
-        stage: str, name: str, config: dict[str, Any], deps: list[Job],
+        self, stage: str, name: str, config: dict[str, Any], deps: list[Job],
         precision: str | None = None, **runtime: Any,
     ) -> Job:  # fmt: skip
+        """A job, or the identical one already planned (shared by datasets on one world)."""
+        cfg = self.cfg
         precision = precision or cfg.precision
         if stage in TRAINING_STAGES and precision != "auto":
             # absent when auto, so the keys of jobs run before precision existed stay valid
             config = {**config, "precision": precision}
-        j = Job.make(stage, name, config, deps, kind="fake" if fake else None)
-        if j.key in seen:
-            return seen[j.key]
-        seen[j.key] = j
+        j = Job.make(stage, name, config, deps, kind="fake" if self.fake else None)
+        if j.key in self.seen:
+            return self.seen[j.key]
+        self.seen[j.key] = j
         rt = {"device": cfg.device, **runtime}
         if cfg.gradient_checkpointing:
             rt["gradient_checkpointing"] = True
-        if fake:
+        if self.fake:
             rt.update(sleep=cfg.debug.sleep, fail=name in cfg.debug.fail)
-        jobs.append(PlannedJob(j, rt))
+        self.jobs.append(PlannedJob(j, rt))
         return j
 
-    hf = cfg.model.hf
-    hf_ref = None
-    if hf is not None:
-        hf_ref = model_ref(hf, dtype=hf.dtype, trust_remote_code=hf.trust_remote_code)
-    hf_runtime = {"device_map": hf.device_map} if hf is not None else {}
-    unlearned_refs = [
-        model_ref(u, dtype=hf.dtype if hf else "auto",
-                  trust_remote_code=hf.trust_remote_code if hf else False)
-        for u in cfg.unlearned
-    ]  # fmt: skip
-
+    @staticmethod
     def model_source(
         sc: _Scope, job: Job | None, ref: dict[str, Any] | None
     ) -> tuple[Any, list[Job]]:
@@ -236,7 +312,7 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         return ref, list(sc.base_deps)
 
     def attack_jobs(
-        sc: _Scope, att: Any, role: str, label: str, method: str | None, src: Job | None,
+        self, sc: _Scope, att: Any, role: str, label: str, method: str | None, src: Job | None,
         ref: dict[str, Any] | None, select_key: str | None = None,
     ) -> None:  # fmt: skip
         """One job of attack ``att`` per fold, for the full T and each extra |T| in ``t_sizes``.
@@ -245,7 +321,7 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
         (RTT's under ``"rtt"``), so each attack's jobs are keyed by content.
         Attacks other than RTT report under the dataset label ``"<name> [attack]"``.
         """
-        model, deps = model_source(sc, src, ref)
+        model, deps = self.model_source(sc, src, ref)
         folds = list(att.folds) if att.folds else (sc.splits or [UNKNOWN_FOLD])
         base = sc.dataset if att.name == "rtt" else f"{sc.dataset} [{att.name}]"
         for k in [None, *(sc.t_sizes if att.varies_t else [])]:
@@ -253,17 +329,17 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
             tag = f"{dataset} s{sc.seed}"
             keys = []
             for fold in folds:
-                j = add(
+                j = self.add(
                     "attack", f"attack {label} {tag} {fold}",
                     # no dataset label in the key: the control's attacks serve both regimes
                     {"attack": att.name, "role": role, "label": label, "method": method,
                      "data": sc.data_cfg, "model": model, "fold": fold,
                      att.name: att.resolved(sc.seed, k), "seed": sc.seed},
                     deps, precision=att.precision, eval_batch_size=att.eval_batch_size,
-                    **hf_runtime,
+                    **self.hf_runtime,
                 )  # fmt: skip
                 keys.append(j.key)
-            groups.append(
+            self.groups.append(
                 AttackGroup(
                     dataset,
                     sc.seed,
@@ -280,159 +356,141 @@ def build_plan(cfg: StudyConfig, *, dry_run: bool = False) -> Plan:
                 )  # fmt: skip
             )
 
-    for di, ds in enumerate(cfg.datasets):
+    def plan_dataset(self, di: int, ds: DatasetSpec, *, dry_run: bool) -> None:
+        """Every job of one dataset entry, seed by seed."""
+        cfg = self.cfg
         dname = ds.label
-        data_cfg: dict[str, Any]
-        if ds.world is not None:
-            data_cfg = {"from": "world"}
-        else:
-            assert ds.path is not None
-            data_cfg = {"path": ds.path, "fingerprint": fingerprint_dir(ds.path)}
-        if ds.retain is not None:
-            data_cfg["retain"] = ds.retain
-            data_cfg["retain_fingerprint"] = fingerprint_dir(ds.retain)
-        if ds.retain_splits:
-            data_cfg["retain_splits"] = list(ds.retain_splits)
+        data_cfg = _data_cfg(ds)
         splits = _split_names(ds, di, dry_run=dry_run)
-        for ai, att in enumerate(cfg.attacks):
-            bad = [f for f in att.folds or [] if splits is not None and f not in splits]
-            if bad:
-                raise ConfigError(
-                    f"fold(s) {bad} are not forget splits of dataset {dname!r} ({splits})",
-                    field=f"attacks.{ai}.folds",
-                )
-        t_sizes = sorted(set(ds.t_sizes))
-        if splits is not None:
-            too_big = [k for k in t_sizes if k > len(splits) - 1]
-            if too_big:
-                raise ConfigError(
-                    f"dataset {dname!r} has {len(splits)} forget splits, so T has at most "
-                    f"{len(splits) - 1}; got {too_big}",
-                    field=f"datasets.{di}.t_sizes",
-                )
-            t_sizes = [k for k in t_sizes if k < len(splits) - 1]  # the full T runs anyway
+        t_sizes = _checked_t_sizes(cfg, di, ds, splits)
         if splits is None and not all(att.folds for att in cfg.attacks):
-            notes.append(
+            self.notes.append(
                 f"dataset {dname!r}: forget splits unknown until {ds.path} exists; attack jobs "
                 "are counted once per model here (list them in datasets[].splits for an exact count)"
             )
-
+        regime = "finetuned" if ds.finetune_first else "pretrained"
         for seed in cfg.seeds:
             tag = f"{dname} s{seed}"
-            base_deps: list[Job] = []
-            if ds.world is not None:
-                wseed = ds.world.seed_for(seed)
-                base_deps = [
-                    add(
-                        "world",
-                        f"world {dname}" + (f" s{seed}" if ds.world.vary_with_seed else ""),
-                        {
-                            "preset": ds.world.preset,
-                            "seed": wseed,
-                            "overrides": dict(ds.world.overrides),
-                        },
-                        [],
-                    )  # fmt: skip
-                ]
-            original: Job | None = None
-            control: Job | None = None
-            original_ref: dict[str, Any] | None = None
-            control_ref: dict[str, Any] | None = None
-            if cfg.model.tiny is not None:
-                t = cfg.model.tiny
-                # no dataset name in the key: two datasets on one world share these jobs
-                common = {"model_preset": t.preset, "pretrain": t.pretrain.model_dump(),
-                          "seed": seed}  # fmt: skip
-                control = add(
-                    "pretrain", f"pretrain control {tag}",
-                    {**common, "role": "control", "exclude_forget": True}, base_deps,
-                )  # fmt: skip
-                if ds.finetune_first:
-                    original = add(
-                        "finetune", f"finetune {tag}",
-                        {"dataset": dname, "data": data_cfg, "model": "dep",
-                         "finetune": cfg.finetune.resolved(tiny=True), "seed": seed},
-                        [*base_deps, control],
-                    )  # fmt: skip
-                else:
-                    original = add(
-                        "pretrain", f"pretrain original {tag}",
-                        {**common, "role": "original", "exclude_forget": False}, base_deps,
-                    )  # fmt: skip
-            else:
-                assert hf_ref is not None and hf is not None
-                if ds.finetune_first:
-                    original = add(
-                        "finetune", f"finetune {tag}",
-                        {"dataset": dname, "data": data_cfg, "model": hf_ref,
-                         "finetune": cfg.finetune.resolved(tiny=False), "seed": seed},
-                        base_deps, **hf_runtime,
-                    )  # fmt: skip
-                    control_ref = hf_ref
-                else:
-                    original_ref = hf_ref
-                    if hf.control is not None:
-                        control_ref = model_ref(
-                            hf.control, dtype=hf.dtype, trust_remote_code=hf.trust_remote_code
-                        )
-
-            regime = "finetuned" if ds.finetune_first else "pretrained"
+            base_deps = self.world_jobs(ds, seed)
+            models = self.model_jobs(ds, seed, tag, data_cfg, base_deps)
             sc = _Scope(dname, tag, seed, splits, data_cfg, list(base_deps), regime, t_sizes)
-
             for att in cfg.attacks:
                 if att.controls:
-                    attack_jobs(sc, att, "original", "original", None, original, original_ref)
-                    if control is not None or control_ref is not None:
-                        attack_jobs(sc, att, "control", "control", None, control, control_ref)
-
+                    self.attack_jobs(
+                        sc, att, "original", "original", None, models.original, models.original_ref
+                    )
+                    if models.control is not None or models.control_ref is not None:
+                        self.attack_jobs(
+                            sc, att, "control", "control", None, models.control, models.control_ref
+                        )
             for m in cfg.methods:
-                from rtteval.methods import get_method
-                from rtteval.stages.unlearn import expand_grid
+                self.method_jobs(sc, m, models)
+            for u, ref in zip(cfg.unlearned, self.unlearned_refs, strict=True):
+                for att in cfg.attacks:
+                    self.attack_jobs(sc, att, "unlearned", u.label, None, None, ref)
 
-                model, deps = model_source(sc, original, original_ref)
-                points = expand_grid(dict(m.grid))
-                unlearn_jobs = []
-                for pi, point in enumerate(points):
-                    shown = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
-                    unlearn_jobs.append(
-                        add(
-                            "unlearn",
-                            f"unlearn {m.display} {tag} {shown}",
-                            {
-                                "method": m.name,
-                                "label": m.display,
-                                "dataset": dname,
-                                "data": data_cfg,
-                                "model": model,
-                                "point": point,
-                                "index": pi,
-                                "fixed": dict(m.fixed),
-                                "seed": seed,
-                                # in the key, so a run dir made under other
-                                # method defaults is not silently reused
-                                "method_defaults": get_method(m.name).defaults,
-                            },
-                            deps,
-                            **hf_runtime,
-                        )  # fmt: skip
-                    )
-                sel = add(
-                    "select", f"select {m.display} {tag}",
-                    {"method": m.name, "label": m.display, "dataset": dname, "seed": seed,
-                     "retain_threshold": cfg.selection.retain_threshold},
-                    unlearn_jobs,
+    def world_jobs(self, ds: DatasetSpec, seed: int) -> list[Job]:
+        """The world job a synthetic dataset's jobs depend on (none for a dataset on disk)."""
+        if ds.world is None:
+            return []
+        wseed = ds.world.seed_for(seed)
+        return [
+            self.add(
+                "world",
+                f"world {ds.label}" + (f" s{seed}" if ds.world.vary_with_seed else ""),
+                {
+                    "preset": ds.world.preset,
+                    "seed": wseed,
+                    "overrides": dict(ds.world.overrides),
+                },
+                [],
+            )  # fmt: skip
+        ]
+
+    def model_jobs(
+        self, ds: DatasetSpec, seed: int, tag: str, data_cfg: dict[str, Any], base_deps: list[Job]
+    ) -> _Models:
+        """The original and control of one (dataset, seed): pretrain/finetune jobs or references."""
+        cfg = self.cfg
+        dname = ds.label
+        out = _Models()
+        if cfg.model.tiny is not None:
+            t = cfg.model.tiny
+            # no dataset name in the key: two datasets on one world share these jobs
+            common = {"model_preset": t.preset, "pretrain": t.pretrain.model_dump(),
+                      "seed": seed}  # fmt: skip
+            out.control = self.add(
+                "pretrain", f"pretrain control {tag}",
+                {**common, "role": "control", "exclude_forget": True}, base_deps,
+            )  # fmt: skip
+            if ds.finetune_first:
+                out.original = self.add(
+                    "finetune", f"finetune {tag}",
+                    {"dataset": dname, "data": data_cfg, "model": "dep",
+                     "finetune": cfg.finetune.resolved(tiny=True), "seed": seed},
+                    [*base_deps, out.control],
                 )  # fmt: skip
-                for att in cfg.attacks:
-                    attack_jobs(
-                        sc, att, "unlearned", m.display, m.name, sel, None, select_key=sel.key
-                    )
+            else:
+                out.original = self.add(
+                    "pretrain", f"pretrain original {tag}",
+                    {**common, "role": "original", "exclude_forget": False}, base_deps,
+                )  # fmt: skip
+            return out
+        hf, hf_ref = cfg.model.hf, self.hf_ref
+        assert hf_ref is not None and hf is not None
+        if ds.finetune_first:
+            out.original = self.add(
+                "finetune", f"finetune {tag}",
+                {"dataset": dname, "data": data_cfg, "model": hf_ref,
+                 "finetune": cfg.finetune.resolved(tiny=False), "seed": seed},
+                base_deps, **self.hf_runtime,
+            )  # fmt: skip
+            out.control_ref = hf_ref
+        else:
+            out.original_ref = hf_ref
+            if hf.control is not None:
+                out.control_ref = model_ref(
+                    hf.control, dtype=hf.dtype, trust_remote_code=hf.trust_remote_code
+                )
+        return out
 
-            for u, ref in zip(cfg.unlearned, unlearned_refs, strict=True):
-                for att in cfg.attacks:
-                    attack_jobs(sc, att, "unlearned", u.label, None, None, ref)
+    def method_jobs(self, sc: _Scope, m: Any, models: _Models) -> None:
+        """One method's unlearn job per grid point, its select job, and the attacks on the pick."""
+        from rtteval.methods import get_method
+        from rtteval.stages.unlearn import expand_grid
 
-    names = [p.job.name for p in jobs]
-    if len(set(names)) != len(names):  # pragma: no cover - a planning bug, not a user error
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise RuntimeError(f"duplicate job names in plan: {dup[:3]}")
-    return Plan(jobs, groups, notes)
+        model, deps = self.model_source(sc, models.original, models.original_ref)
+        points = expand_grid(dict(m.grid))
+        unlearn_jobs = []
+        for pi, point in enumerate(points):
+            shown = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
+            unlearn_jobs.append(
+                self.add(
+                    "unlearn",
+                    f"unlearn {m.display} {sc.tag} {shown}",
+                    {
+                        "method": m.name,
+                        "label": m.display,
+                        "dataset": sc.dataset,
+                        "data": sc.data_cfg,
+                        "model": model,
+                        "point": point,
+                        "index": pi,
+                        "fixed": dict(m.fixed),
+                        "seed": sc.seed,
+                        # in the key, so a run dir made under other
+                        # method defaults is not silently reused
+                        "method_defaults": get_method(m.name).defaults,
+                    },
+                    deps,
+                    **self.hf_runtime,
+                )  # fmt: skip
+            )
+        sel = self.add(
+            "select", f"select {m.display} {sc.tag}",
+            {"method": m.name, "label": m.display, "dataset": sc.dataset, "seed": sc.seed,
+             "retain_threshold": self.cfg.selection.retain_threshold},
+            unlearn_jobs,
+        )  # fmt: skip
+        for att in self.cfg.attacks:
+            self.attack_jobs(sc, att, "unlearned", m.display, m.name, sel, None, select_key=sel.key)
