@@ -32,11 +32,11 @@ def test_attack_resumes_finished_work_keyed_on_model_content(
     rtt = type(get_attack("rtt"))
     real = rtt.run
 
-    def run(self, *a, **kw):
-        attacked.append(kw["label"])
-        if kill.get(kw["label"]):
+    def run(self, config, ctx):
+        attacked.append(ctx.label)
+        if kill.get(ctx.label):
             raise _Killed
-        return real(self, *a, **kw)
+        return real(self, config, ctx)
 
     monkeypatch.setattr(rtt, "run", run)
     with pytest.raises(_Killed):  # killed while attacking the unlearned model
