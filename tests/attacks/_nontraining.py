@@ -36,18 +36,26 @@ methods:
   - {{name: gd, grid: {{lr: [1.0e-4]}}, fixed: {{max_steps: 2}}}}
 selection: {{retain_threshold: 1.0}}
 attacks:
-  - {attack}
+{attacks}
 executor: {{kind: sequential, threads_per_worker: 1}}
-report: {{n_boot: 20, plots: false}}
+report: {{n_boot: 20, plots: {plots}}}
 """
+
+
+def micro_study(
+    name: str, out: Path, pretrained_tiny: dict[str, Path], attacks: list[str], plots: bool = False
+) -> str:
+    """A study YAML on the micro model: one GD point, then ``attacks`` (flow-style entries)."""
+    paths = {k: str(v) for k, v in pretrained_tiny.items()}
+    listed = "\n".join(f"  - {a}" for a in attacks)
+    return STUDY.format(name=name, out=out, attacks=listed, plots=str(plots).lower(), **paths)
 
 
 def run_yaml(cli, tmp_path: Path, pretrained_tiny: dict[str, Path], name: str, attack: str) -> dict:
     """Run a one-attack study on the micro model; results.json."""
     out = tmp_path / "out"
     p = tmp_path / f"{name}.yaml"
-    paths = {k: str(v) for k, v in pretrained_tiny.items()}
-    p.write_text(STUDY.format(name=name, out=out, attack=attack, **paths))
+    p.write_text(micro_study(name, out, pretrained_tiny, [attack]))
     res = cli("run", p)
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())

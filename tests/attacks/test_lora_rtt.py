@@ -16,6 +16,7 @@ from rtteval.data import load_dataset
 from rtteval.errors import ConfigError
 from rtteval.models import load_model, snapshot_state
 from rtteval.stages.pretrain import scoring_for
+from tests.attacks._nontraining import micro_study
 from tests.attacks.test_rtt import _crude_unlearn
 
 
@@ -142,28 +143,20 @@ def test_lora_rtt_from_the_cli_recovers_the_unlearned_not_the_control(
     assert all(torch.equal(base[k], v) for k, v in snapshot_state(model).items())
 
 
-STUDY = """\
-name: lora
-output_dir: {out}
-model:
-  hf: {{path: {original}, control: {{path: {control}}}}}
-datasets:
-  - name: w
-    path: {world}
-methods:
-  - {{name: gd, grid: {{lr: [1.0e-4]}}, fixed: {{max_steps: 2}}}}
-selection: {{retain_threshold: 1.0}}
-attacks:
-  - {{name: lora_rtt, rank: 4, lrs: [1.0e-2], epochs: 1, folds: [split_0], eval_every_steps: 1}}
-executor: {{kind: sequential, threads_per_worker: 1}}
-report: {{n_boot: 20, plots: false}}
-"""
-
-
 def test_lora_rtt_runs_from_a_study_yaml(tmp_path: Path, cli, pretrained_tiny) -> None:
     out = tmp_path / "out"
     p = tmp_path / "lora.yaml"
-    p.write_text(STUDY.format(out=out, **{k: str(v) for k, v in pretrained_tiny.items()}))
+    p.write_text(
+        micro_study(
+            "lora",
+            out,
+            pretrained_tiny,
+            [
+                "{name: lora_rtt, rank: 4, lrs: [1.0e-2], epochs: 1, folds: [split_0], eval_every_steps: 1}"
+            ],
+            plots=False,
+        )
+    )
     res = cli("run", p)
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())

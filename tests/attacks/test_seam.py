@@ -20,6 +20,7 @@ from rtteval.models import load_model, snapshot_state
 from rtteval.runner.plan import build_plan
 from rtteval.stages.pretrain import retain_eval_name
 from rtteval.stages.unlearn import retain_data
+from tests.attacks._nontraining import micro_study
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,31 +91,23 @@ def test_retain_relearn_trains_on_retain_text_and_never_on_a_forget_fact(pretrai
         retain_folds(ds, leaked, None, ["split_0"])
 
 
-STUDY = """\
-name: seam
-output_dir: {out}
-model:
-  hf: {{path: {original}, control: {{path: {control}}}}}
-datasets:
-  - name: w
-    path: {world}
-methods:
-  - {{name: gd, grid: {{lr: [1.0e-4]}}, fixed: {{max_steps: 2}}}}
-selection: {{retain_threshold: 1.0}}
-attacks:
-  - {{name: rtt, lrs: [3.0e-3], epochs: 1, folds: [split_0]}}
-  - {{name: retain_relearn, lrs: [3.0e-3], epochs: 2, folds: [split_0]}}
-executor: {{kind: sequential, threads_per_worker: 1}}
-report: {{n_boot: 20, plots: false}}
-"""
-
-
 def test_retain_relearn_runs_from_yaml_beside_rtt_and_is_its_own_report_row(
     tmp_path: Path, cli, pretrained_tiny
 ) -> None:
     out = tmp_path / "out"
     p = tmp_path / "seam.yaml"
-    p.write_text(STUDY.format(out=out, **{k: str(v) for k, v in pretrained_tiny.items()}))
+    p.write_text(
+        micro_study(
+            "seam",
+            out,
+            pretrained_tiny,
+            [
+                "{name: rtt, lrs: [3.0e-3], epochs: 1, folds: [split_0]}",
+                "{name: retain_relearn, lrs: [3.0e-3], epochs: 2, folds: [split_0]}",
+            ],
+            plots=False,
+        )
+    )
     res = cli("run", p)
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 from rtteval.attacks import ATTACKS
 from rtteval.config.study import load_config
 from rtteval.runner.plan import build_plan
+from tests.attacks._nontraining import micro_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,26 +35,6 @@ def test_the_shipped_attack_suite_validates_and_names_every_registered_attack() 
     assert attacked == set(ATTACKS)
 
 
-STUDY = """\
-name: suite
-output_dir: {out}
-model:
-  hf: {{path: {original}, control: {{path: {control}}}}}
-datasets:
-  - name: w
-    path: {world}
-methods:
-  - {{name: gd, grid: {{lr: [1.0e-4]}}, fixed: {{max_steps: 2}}}}
-selection: {{retain_threshold: 1.0}}
-attacks:
-  - {{name: unrelated_relearn, ks: [4, all], lr: 3.0e-3, epochs: 2, folds: [split_0]}}
-  - {{name: quantize, schemes: [int8-channel, int4-group], folds: [split_0]}}
-  - {{name: probe, folds: [split_0]}}
-executor: {{kind: sequential, threads_per_worker: 1}}
-report: {{n_boot: 20, plots: true}}
-"""
-
-
 def _done(out: Path) -> dict[str, str]:
     """Finished attack jobs: key -> stage (from the study's store)."""
     c = sqlite3.connect(out / "runs.db")
@@ -68,7 +49,19 @@ def test_an_attack_suite_study_resumes_after_sigkill(tmp_path: Path, cli, pretra
     """SIGKILL the driver after some attacks finished; a rerun completes without redoing them."""
     out = tmp_path / "suite"
     p = tmp_path / "suite.yaml"
-    p.write_text(STUDY.format(out=out, **{k: str(v) for k, v in pretrained_tiny.items()}))
+    p.write_text(
+        micro_study(
+            "suite",
+            out,
+            pretrained_tiny,
+            [
+                "{name: unrelated_relearn, ks: [4, all], lr: 3.0e-3, epochs: 2, folds: [split_0]}",
+                "{name: quantize, schemes: [int8-channel, int4-group], folds: [split_0]}",
+                "{name: probe, folds: [split_0]}",
+            ],
+            plots=True,
+        )
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rtteval.cli", "run", str(p)],
