@@ -93,6 +93,11 @@ def test_good_config_resolves_paths_and_overrides(tmp_path: Path, monkeypatch) -
             ("methods:\n", "unlearned:\n  - {label: control, path: .}\nmethods:\n"),
             r"study.yaml:10: field 'unlearned.0.label': 'control' names another arm",
         ),
+        (  # a union's member (int or "all") is not a key: the field is where the value is
+            ("    epochs: 1\n", "    epochs: 1\n  - {name: unrelated_relearn, ks: [0]}\n"),
+            r"study.yaml:17: field 'attacks.1.ks.0': Input should be greater than or equal to 1 "
+            r"(got 0)",
+        ),
         (
             ("methods:\n", "unlearned:\n  - {label: x, path: no/such/model}\nmethods:\n"),
             r"study.yaml:10: field 'unlearned.0.path': unlearned model directory does not exist",

@@ -369,12 +369,9 @@ def _attack_configs(entries: Any) -> list[Any]:
             out.append(adapter.validate_python(e))
         except ValidationError as err:
             first = err.errors()[0]
-            loc = tuple(first["loc"])
+            loc = _error_loc(first)
             if len(ATTACKS) > 1 and loc[:1] == (e["name"],):  # the union's tag
                 loc = loc[1:]
-            located = (first.get("ctx") or {}).get("error")
-            if isinstance(located, LocatedError):
-                loc = loc + located.loc
             msg = first["msg"].removeprefix("Value error, ")
             if first["type"] == "extra_forbidden":
                 fields = ATTACKS[e["name"]].config_type.model_fields
@@ -779,15 +776,23 @@ def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
     return None
 
 
+_UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|function-\w+\[.*\]|int|float|str|bool)$")
+
+
+def _error_loc(err: Any) -> Loc:
+    """Where a pydantic error is, as config keys: without the name pydantic gives the member of
+    a union that failed (``ks.0.constrained-int``), with a nested :class:`LocatedError`'s part."""
+    loc: Loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and _UNION_TAG.match(x)))
+    located = (err.get("ctx") or {}).get("error")
+    return loc + located.loc if isinstance(located, LocatedError) else loc
+
+
 def _error(
     e: ValidationError, source: str | None, lines: dict[Loc, int], overridden: dict[Loc, str]
 ) -> ConfigError:
     errs = e.errors()
     err = errs[0]
-    loc: Loc = tuple(err["loc"])
-    located = (err.get("ctx") or {}).get("error")
-    if isinstance(located, LocatedError):
-        loc = loc + located.loc
+    loc = _error_loc(err)
     dotted = ".".join(str(x) for x in loc) or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
