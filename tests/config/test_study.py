@@ -99,6 +99,13 @@ def test_good_config_resolves_paths_and_overrides(tmp_path: Path, monkeypatch) -
             r"(got 0)",
         ),
         (
+            (
+                "    epochs: 1\n",
+                "    epochs: 1\n  - {name: unrelated_relearn, corpus: no/such.jsonl}\n",
+            ),
+            r"study.yaml:17: field 'attacks.1.corpus': no/such.jsonl: no such file or directory",
+        ),
+        (
             ("methods:\n", "unlearned:\n  - {label: x, path: no/such/model}\nmethods:\n"),
             r"study.yaml:10: field 'unlearned.0.path': unlearned model directory does not exist",
         ),

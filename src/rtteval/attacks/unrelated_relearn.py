@@ -85,6 +85,14 @@ class UnrelatedRelearnConfig(AttackConfig):
             raise ValueError(f"ks has duplicates: {v}")
         return v
 
+    @field_validator("corpus")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        """A missing source is the user's mistake: say so when the config loads, not in a job."""
+        if v is not None and not Path(v).expanduser().exists():
+            raise ValueError(f"{v}: no such file or directory")
+        return v
+
     def resolved(self, seed: int, train_splits: int | None = None) -> dict[str, Any]:
         d = super().resolved(seed, train_splits)
         if self.corpus is not None:  # absolute, so the job key names the file, not the cwd
