@@ -28,9 +28,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
 from rtteval.data.types import LETTERS, MCQ, mcq_answer, mcq_prompt
@@ -53,8 +54,8 @@ class ScoringConfig:
     letter_format: str = "paper"
     likelihood_prompt: str = DEFAULT_LIKELIHOOD_PROMPT
     preamble: str = ""
-    n_shots: int = 0
-    batch_size: int = 32
+    n_shots: Annotated[int, Field(ge=0)] = 0
+    batch_size: Annotated[int, Field(ge=1)] = 32
     padding_side: Literal["left", "right"] = "left"
     dev: list[MCQ] = field(default_factory=list, repr=False)
 

@@ -37,6 +37,11 @@ def test_a_typod_setting_is_one_line_naming_it(pretrained_tiny, tmp_path: Path, 
     r = cli(*_args(cmd, pretrained_tiny, out), f"{key}=many")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"setting '{key}=many': field '{key}'" in r.stderr and not out.exists()
+    # and one out of its declared range (0 or a negative), with the option's own check
+    key, bad = {"world": ("seed", "-1"), "attack": ("epochs", "0")}.get(cmd, ("batch_size", "0"))
+    r = cli(*_args(cmd, pretrained_tiny, out), f"{key}={bad}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"setting '{key}={bad}': field '{key}'" in r.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -105,7 +105,7 @@ def _dataclass(model: Any, data: dict[str, Any]) -> Any:
     """A dataclass from ``data``, each field checked strictly against its declared type."""
     import typing
 
-    hints = typing.get_type_hints(model)
+    hints = typing.get_type_hints(model, include_extras=True)  # with the declared ranges
     out = {}
     for k, v in data.items():
         try:

@@ -233,7 +233,7 @@ class WorldConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     preset: str = "small"
     mode: Literal["qa", "bios"] = "qa"
     n_splits: int = Field(5, ge=1)
